@@ -1,0 +1,34 @@
+# The two commands of the README, for a fresh Linux machine with Python >= 3.11:
+#   make run    set up .venv and run the main job on its embedded default (configs/smoke.py)
+#   make test   set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+CONFIG ?= configs/smoke.py
+PYTEST_ARGS ?=
+
+.PHONY: setup run test clean-venv
+
+setup: $(STAMP)
+
+# torch is pinned in the same pip command as everything else (requirements.lock says
+# torch==2.13.0), so a CPU machine takes the CPU build and nothing upgrades it.
+# open-clip-torch and gem-torch are the PyTorch references of the CLIP/GEM parity tests (and
+# open_clip carries CLIP's BPE vocabulary); they are installed without their dependencies
+# because those pull torchvision, which has no CPU build for torch 2.13.
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-cache-dir -r requirements.lock
+	$(PY) -m pip install --quiet --no-cache-dir --no-deps open-clip-torch==3.3.0 gem-torch==1.0.1 -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: setup
+	$(PY) -m zsp_jax.main --config $(CONFIG)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,386 @@
+"""Weight conversion from PyTorch state_dicts to Flax NNX models, and the converted file format.
+
+Every converter in zsp_jax (SAM, CLIP, DeepLab backbones) is a table of ``Rule``s applied by
+``convert_state_dict``, which enforces three guards taken from the Flax NNX ViT conversion
+example and bonsai's ``params.py``:
+
+1. every source tensor is consumed by exactly one rule (or listed as deliberately dropped),
+2. every target weight of the model is produced exactly once,
+3. every shape equals the shape the model expects.
+
+All violations are collected and raised together in one ``ConversionError`` that names the
+file, so a wrong variant, a truncated file or a foreign checkpoint reads as such.
+
+Converted weights are stored as **safetensors** (flat ``"a.b.0.c"`` keys that are the NNX state
+paths, plus string metadata such as ``{"zsp_jax.model": "sam", "zsp_jax.variant": "vit_b"}``).
+We chose safetensors over Orbax for weights because the file is a single self-describing blob
+that loads with numpy alone (no torch, no TensorStore), can be memory-mapped, and is what
+users already exchange; Orbax is used for training checkpoints, which need sharding and
+iterator state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zsp_jax.utils.io import atomic_path
+
+Array = np.ndarray
+Transform = Callable[[Array], Array | tuple[Array, ...]]
+
+FORMAT_KEY = "zsp_jax.format"
+FORMAT_VERSION = "1"
+_MAX_LISTED = 12
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model it is converted to, or cannot be read."""
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def identity(w: Array) -> Array:
+    return w
+
+
+def linear(w: Array) -> Array:
+    """torch Linear (out, in) -> Flax kernel (in, out)."""
+    return w.T
+
+
+def conv2d(w: Array) -> Array:
+    """torch Conv2d (out, in, kh, kw) -> Flax kernel (kh, kw, in, out)."""
+    return w.transpose(2, 3, 1, 0)
+
+
+def conv_transpose2d(w: Array) -> Array:
+    """torch ConvTranspose2d (in, out, kh, kw) -> Flax ConvTranspose kernel (kh, kw, in, out).
+
+    Flax's ``ConvTranspose`` (with ``transpose_kernel=False``) is a dilated convolution with the
+    kernel applied unflipped; torch's is the gradient of a convolution, i.e. the flipped kernel.
+    Callers that use ``nnx.ConvTranspose(transpose_kernel=True)`` want ``conv2d`` instead.
+    """
+    return w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
+
+
+def split(n: int, axis: int = 0, then: Transform = identity) -> Transform:
+    """Splits a fused tensor (e.g. torch's ``in_proj_weight`` (3D, D)) into ``n`` parts."""
+
+    def fn(w: Array) -> tuple[Array, ...]:
+        return tuple(then(p) for p in np.split(w, n, axis=axis))
+
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Maps source keys matching ``pattern`` (full match) to one or more target keys.
+
+    ``target`` is a ``re`` replacement template (``\\1`` refers to groups of ``pattern``); a
+    tuple of templates means ``transform`` returns that many arrays, in order.
+    """
+
+    pattern: str
+    target: str | tuple[str, ...]
+    transform: Transform = identity
+
+    def targets(self, match: re.Match) -> tuple[str, ...]:
+        templates = self.target if isinstance(self.target, tuple) else (self.target,)
+        return tuple(match.expand(t) for t in templates)
+
+
+# ----------------------------------------------------------------------------- model state
+
+
+def _path_key(path: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def weight_filter() -> Any:
+    """The NNX variable types stored in converted files: parameters and batch statistics."""
+    return nnx.Any(nnx.Param, nnx.BatchStat)
+
+
+def flat_shapes(model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
+    """``{"a.b.0.c": ShapeDtypeStruct}`` of a model's weights (works on ``nnx.eval_shape`` models)."""
+    state = nnx.state(model, weight_filter())
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        value = var.get_value() if hasattr(var, "get_value") else var
+        out[_path_key(path)] = jax.ShapeDtypeStruct(value.shape, value.dtype)
+    return out
+
+
+def flat_weights(model: nnx.Module) -> dict[str, Array]:
+    """The model's weights as host numpy arrays keyed like ``flat_shapes``."""
+    state = nnx.state(model, weight_filter())
+    return {_path_key(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def to_numpy(t: Any) -> Array:
+    """A torch tensor (any float dtype, possibly mmap-backed) or array -> numpy, floats as fp32."""
+    if hasattr(t, "detach"):
+        import torch
+
+        t = t.detach()
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t = t.float()
+        return t.cpu().numpy()
+    a = np.asarray(t)
+    return a.astype(np.float32) if a.dtype.kind == "f" and a.dtype != np.float32 else a
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.groups: dict[str, list[str]] = {}
+
+    def add(self, kind: str, msg: str) -> None:
+        self.groups.setdefault(kind, []).append(msg)
+
+    def raise_if_any(self, source_name: str) -> None:
+        if not self.groups:
+            return
+        lines = [f"cannot convert {source_name}:"]
+        for kind, msgs in self.groups.items():
+            lines.append(f"  {len(msgs)} {kind}:")
+            lines += [f"    {m}" for m in msgs[:_MAX_LISTED]]
+            if len(msgs) > _MAX_LISTED:
+                lines.append(f"    ... and {len(msgs) - _MAX_LISTED} more")
+        raise ConversionError("\n".join(lines))
+
+
+def convert_state_dict(
+    source: Mapping[str, Any],
+    rules: Sequence[Rule],
+    expected: Mapping[str, jax.ShapeDtypeStruct | tuple[int, ...]],
+    *,
+    source_name: str,
+    drop: Sequence[str] = (),
+    dtype: Any = np.float32,
+) -> dict[str, Array]:
+    """Applies ``rules`` to ``source`` and checks the result against ``expected``.
+
+    Args:
+      source: source key -> tensor (torch tensors are converted one at a time, so a
+        memory-mapped checkpoint is never held twice in memory).
+      rules: the conversion table; each source key must fully match exactly one rule.
+      expected: target key -> shape (e.g. ``flat_shapes(nnx.eval_shape(ctor))``).
+      source_name: what to call the source in error messages (usually its path).
+      drop: regexes of source keys that are deliberately not converted (e.g. an
+        optimizer's state stored beside the weights).
+      dtype: floating dtype of the output arrays.
+
+    Returns:
+      target key -> numpy array, exactly the keys of ``expected``.
+
+    Raises:
+      ConversionError: listing every unmapped or ambiguous source key, missing or
+        duplicated target and shape mismatch.
+    """
+    compiled = [(re.compile(r.pattern), r) for r in rules]
+    dropped = [re.compile(p) for p in drop]
+    errors = _Errors()
+    out: dict[str, Array] = {}
+    origin: dict[str, str] = {}
+    mismatched: set[str] = set()
+    for key in source:
+        if any(d.fullmatch(key) for d in dropped):
+            continue
+        hits = [(m, r) for rx, r in compiled if (m := rx.fullmatch(key))]
+        if not hits:
+            errors.add("source tensors that match no rule (not a checkpoint of this model?)", key)
+            continue
+        if len(hits) > 1:
+            errors.add("source tensors matched by several rules (a bug in the rule table)",
+                       f"{key}: {[r.pattern for _, r in hits]}")
+            continue
+        match, rule = hits[0]
+        targets = rule.targets(match)
+        raw = to_numpy(source[key])
+        values = rule.transform(raw)
+        if not isinstance(values, tuple):
+            values = (values,)
+        if len(values) != len(targets):
+            errors.add("rules whose transform returned the wrong number of arrays", key)
+            continue
+        for target, value in zip(targets, values):
+            if target not in expected:
+                errors.add("targets the model does not have", f"{key} -> {target}")
+                continue
+            if target in out:
+                errors.add("targets produced twice", f"{target} from {origin[target]} and {key}")
+                continue
+            want = tuple(getattr(expected[target], "shape", expected[target]))
+            if tuple(value.shape) != want:
+                errors.add("shape mismatches (source shape -> converted shape, expected)",
+                           f"{key} {tuple(raw.shape)} -> {target} {tuple(value.shape)}, expected {want}")
+                mismatched.add(target)
+                continue
+            if value.dtype.kind == "f":
+                value = value.astype(dtype, copy=False)
+            out[target] = np.ascontiguousarray(value)
+            origin[target] = key
+    missing = [k for k in expected if k not in out and k not in mismatched]
+    for k in missing:
+        errors.add("model weights that the source does not provide (truncated or other variant?)", k)
+    errors.raise_if_any(source_name)
+    return out
+
+
+# ----------------------------------------------------------------------------- reading sources
+
+
+def load_torch_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file.
+
+    ``mmap=True`` leaves tensor data on disk until each tensor is touched, so a 2.5 GB
+    vit_h checkpoint converts without a second copy in memory.
+    """
+    import torch
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ConversionError(f"{path}: the file is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        if mmap and "mmap" in str(e):
+            return load_torch_checkpoint(path, mmap=False)  # legacy (non-zip) format
+        raise ConversionError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or not a torch.save file?): "
+            f"{type(e).__name__}: {e}") from e
+
+
+def unwrap_state_dict(obj: Any, *, path: str, nested_keys: Sequence[str] = ("state_dict", "model"),
+                      strip_prefixes: Sequence[str] = ("module.",)) -> dict[str, Any]:
+    """Finds the tensor dict inside a loaded checkpoint and strips DDP-style prefixes."""
+    for _ in range(3):
+        if isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+            inner = next((obj[k] for k in nested_keys if k in obj and isinstance(obj[k], Mapping)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, Mapping) or not _is_tensor_dict(obj):
+        raise ConversionError(f"{path}: does not contain a state_dict (found {type(obj).__name__}"
+                              f"{' with keys ' + str(list(obj)[:8]) if isinstance(obj, Mapping) else ''})")
+    out = {}
+    for k, v in obj.items():
+        for p in strip_prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def _is_tensor_dict(d: Mapping) -> bool:
+    return len(d) > 0 and all(hasattr(v, "shape") for v in d.values())
+
+
+# ----------------------------------------------------------------------------- converted files
+
+
+def save_weights(path: str | os.PathLike, weights: Mapping[str, Array], metadata: Mapping[str, str]) -> None:
+    """Writes converted weights as safetensors, atomically (a partial file is never visible)."""
+    from safetensors.numpy import save_file
+
+    meta = {FORMAT_KEY: FORMAT_VERSION, **{k: str(v) for k, v in metadata.items()}}
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, tmp, metadata=meta)
+
+
+def load_weights(path: str | os.PathLike, *, expect: Mapping[str, str] | None = None
+                 ) -> tuple[dict[str, Array], dict[str, str]]:
+    """Reads a file written by ``save_weights``. Needs neither torch nor a model.
+
+    Args:
+      path: the ``.safetensors`` file.
+      expect: metadata entries that must be present with these values (e.g.
+        ``{"zsp_jax.model": "sam"}``); a mismatch raises and names both values.
+
+    Returns:
+      (weights, metadata).
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+        weights = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConversionError(f"{path}: not a readable safetensors file (truncated?): {e}") from e
+    if metadata.get(FORMAT_KEY) != FORMAT_VERSION:
+        raise ConversionError(f"{path}: not a zsp_jax weights file (metadata {FORMAT_KEY}="
+                              f"{metadata.get(FORMAT_KEY)!r}); convert it with the tools/convert_*.py scripts")
+    for k, v in (expect or {}).items():
+        if metadata.get(k) != v:
+            raise ConversionError(f"{path}: {k} is {metadata.get(k)!r}, expected {v!r}")
+    return weights, metadata
+
+
+def assign_weights(model: nnx.Module, weights: Mapping[str, Array], *, source_name: str,
+                   dtype: Any = None) -> nnx.Module:
+    """Loads ``weights`` into ``model`` in place, strictly (same keys, same shapes).
+
+    Args:
+      model: a concrete NNX model.
+      weights: as returned by ``load_weights`` or ``convert_state_dict``.
+      source_name: for error messages.
+      dtype: if given, floating parameters are cast to it (e.g. ``jnp.bfloat16``); batch
+        statistics stay in float32.
+    """
+    expected = flat_shapes(model)
+    errors = _Errors()
+    for k in expected:
+        if k not in weights:
+            errors.add("model weights missing from the file", k)
+        elif tuple(weights[k].shape) != tuple(expected[k].shape):
+            errors.add("shape mismatches (file, model)", f"{k}: {tuple(weights[k].shape)} vs {expected[k].shape}")
+    for k in weights:
+        if k not in expected:
+            errors.add("weights in the file that the model does not have", k)
+    errors.raise_if_any(source_name)
+    state = nnx.state(model, weight_filter())
+    for path, var in nnx.to_flat_state(state):
+        value = weights[_path_key(path)]
+        is_param = isinstance(var, nnx.Param) or getattr(var, "type", None) is nnx.Param
+        target = dtype if (dtype is not None and is_param and np.asarray(value).dtype.kind == "f") \
+            else var.get_value().dtype
+        var.set_value(jnp.asarray(value, dtype=target))
+    nnx.update(model, state)
+    return model
+
+
+def build_with_weights(ctor: Callable[[], nnx.Module], weights: Mapping[str, Array], *, source_name: str,
+                       dtype: Any = None) -> nnx.Module:
+    """Constructs ``ctor()`` without running its random initialisers, then loads ``weights``.
+
+    Non-weight state (RNG streams of dropout layers, counters) is still initialised, inside a
+    ``jax.jit`` whose unused parameter initialisers XLA prunes.
+    """
+    abstract = nnx.eval_shape(ctor)
+    graphdef, params, rest = nnx.split(abstract, weight_filter(), ...)
+    if jax.tree.leaves(rest):
+        rest = jax.jit(lambda: nnx.split(ctor(), weight_filter(), ...)[2])()
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    model = nnx.merge(graphdef, params, rest)
+    return assign_weights(model, weights, source_name=source_name, dtype=dtype)
