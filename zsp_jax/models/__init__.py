@@ -1,0 +1,1 @@
+"""Flax NNX models: SAM (sam), CLIP with GEM (clip), DeepLabV3+ (deeplab)."""
