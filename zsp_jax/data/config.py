@@ -1,0 +1,68 @@
+"""Start-up checks of the config fields the data layer reads; every error names its field.
+
+Fields (see ``configs/voc.py`` for their meaning): ``seed``, ``workdir``, ``data.*``,
+``train.batch_size``, ``train.crop_size``, ``data_stage.*`` and, for generated data,
+``synthetic.*``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import ml_collections
+
+from zsp_jax.config_utils import check_choice, check_range
+from zsp_jax.data import bad_input, readers, splits
+
+SOURCES = ("tfds", "folder")
+STRONG_AUG = ("device", "host")
+NUM_CLASSES = {"voc": 21, "coco": 81}
+_SPLIT_NAME = re.compile(r"^(\d+|1_\d+)$")
+
+
+def _fail(name: str, value: object, why: str) -> None:
+    raise ValueError(f"config field {name}={value!r}: {why}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ValueError`` naming the first bad field (paths are checked unless data is generated)."""
+    d, t = config.data, config.train
+    check_range("seed", config.seed, 0, 2**32 - 1)
+    if not config.workdir:
+        _fail("workdir", config.workdir, "must name a directory for the run's outputs")
+    check_choice("data.dataset", d.dataset, readers.DATASETS)
+    check_choice("data.source", d.source, SOURCES)
+    check_choice("data.on_bad_input", d.on_bad_input, bad_input.POLICIES)
+    check_choice("data.strong_aug", d.strong_aug, STRONG_AUG)
+    if d.num_classes != NUM_CLASSES[d.dataset]:
+        _fail("data.num_classes", d.num_classes, f"{d.dataset} has {NUM_CLASSES[d.dataset]} classes")
+    if not _SPLIT_NAME.match(str(d.split)):
+        _fail("data.split", d.split, f"expected a count ('92') or a fraction ('1_16'); standard {d.dataset} "
+                                     f"splits: {list(splits.SPLITS[d.dataset])}")
+    check_range("data.workers", d.workers, 0, 256)
+    check_range("data.read_threads", d.read_threads, 1, 256)
+    check_range("train.batch_size", t.batch_size, 1, None)
+    if t.crop_size < 32:
+        _fail("train.crop_size", t.crop_size, "must be at least 32")
+    check_range("data_stage.num_batches", config.data_stage.num_batches, 0, None)
+    check_range("data_stage.preview_images", config.data_stage.preview_images, 0, 16)
+    generated = bool(config.get("synthetic"))
+    if generated:
+        s = config.synthetic
+        check_range("synthetic.num_train", s.num_train, 2, None)
+        check_range("synthetic.num_val", s.num_val, 0, None)
+        check_range("synthetic.min_size", s.min_size, 8, s.max_size)
+        return
+    if not os.path.isdir(os.path.expanduser(d.root)):
+        _fail("data.root", d.root, "no such directory (the dataset root: VOCdevkit/VOC2012 for voc, the folder "
+                                   "holding train2017/, val2017/ and masks/ for coco)")
+    lab, unl = splits.split_paths(os.path.expanduser(d.splits_dir), d.split)
+    for path in (lab, unl):
+        if not os.path.isfile(path):
+            _fail("data.split", d.split, f"split file {path} not found; write it with "
+                                         f"'python tools/make_splits.py --dataset {d.dataset} --root {d.root} "
+                                         f"--out {d.splits_dir} --splits {d.split}' or set data.splits_dir to "
+                                         f"UniMatch's splits/{'pascal' if d.dataset == 'voc' else 'coco'} directory")
+    if d.unlabeled_dir and not os.path.isdir(os.path.expanduser(d.unlabeled_dir)):
+        _fail("data.unlabeled_dir", d.unlabeled_dir, "no such directory")
