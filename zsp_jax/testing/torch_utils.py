@@ -18,7 +18,8 @@ def randomize_(module: Any, seed: int = 0) -> Any:
       activations stay in the range the architecture expects;
     * a constant tensor ``c`` becomes ``c + N(0, 0.1 * max(1, |c|))`` (LayerNorm weights
       around 1, biases and tables around 0);
-    * running variances stay positive.
+    * running variances stay positive;
+    * tensors holding non-finite values (e.g. a causal-mask buffer of 0 / -inf) are left alone.
 
     Returns the module.
     """
@@ -27,7 +28,7 @@ def randomize_(module: Any, seed: int = 0) -> Any:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if not t.is_floating_point() or t.numel() == 0:
+            if not t.is_floating_point() or t.numel() == 0 or not bool(torch.isfinite(t).all()):
                 continue
             flat = t.detach().double().flatten()
             mean, std = float(flat.mean()), float(flat.std()) if t.numel() > 1 else 0.0

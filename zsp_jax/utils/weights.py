@@ -231,7 +231,7 @@ def convert_state_dict(
                 continue
             if value.dtype.kind == "f":
                 value = value.astype(dtype, copy=False)
-            out[target] = np.ascontiguousarray(value)
+            out[target] = np.require(value, requirements="C")  # keeps 0-d scalars 0-d
             origin[target] = key
     missing = [k for k in expected if k not in out and k not in mismatched]
     for k in missing:
@@ -300,7 +300,7 @@ def save_weights(path: str | os.PathLike, weights: Mapping[str, Array], metadata
 
     meta = {FORMAT_KEY: FORMAT_VERSION, **{k: str(v) for k, v in metadata.items()}}
     with atomic_path(path) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, tmp, metadata=meta)
+        save_file({k: np.require(v, requirements="C") for k, v in weights.items()}, tmp, metadata=meta)
 
 
 def load_weights(path: str | os.PathLike, *, expect: Mapping[str, str] | None = None
