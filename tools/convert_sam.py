@@ -1,0 +1,63 @@
+"""Converts an official segment-anything checkpoint to zsp_jax's ``.safetensors`` format (once).
+
+    python tools/convert_sam.py sam_vit_b_01ec64.pth sam_vit_b.safetensors [--variant vit_b]
+                                [--allow-custom] [--check]
+
+The variant (vit_b / vit_l / vit_h) is read from the tensors; ``--variant`` makes it a check
+(a vit_l file with ``--variant vit_b`` fails and names the differing fields and shapes).
+Every tensor of the file must be consumed and every weight of the model produced, with its
+shape checked. The checkpoint is memory-mapped and converted tensor by tensor. The output
+holds float32 weights keyed by the NNX state paths, and the model config in its metadata;
+``zsp_jax.models.sam.load_sam(OUT)`` reads it without torch.
+
+Exit status: 0 on success, 1 on a conversion error (the message says what differs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="segment-anything checkpoint (.pth state_dict)")
+    p.add_argument("out", help="output .safetensors path")
+    p.add_argument("--variant", choices=("vit_b", "vit_l", "vit_h"), default=None,
+                   help="check the file against this variant (default: infer it)")
+    p.add_argument("--allow-custom", action="store_true",
+                   help="accept an architecture that is none of vit_b / vit_l / vit_h")
+    p.add_argument("--check", action="store_true", help="load the result and decode one point on a blank image")
+    args = p.parse_args(argv)
+
+    from zsp_jax.models.sam import convert as C
+
+    t0 = time.perf_counter()
+    try:
+        config = C.convert_checkpoint(args.source, args.out, variant=args.variant, allow_custom=args.allow_custom)
+    except (FileNotFoundError, C.W.ConversionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"{args.source} -> {args.out}: {config.name} (encoder {config.encoder_dim} x {config.encoder_depth}, "
+          f"global attention at {list(config.global_attn_indexes)}, {config.image_size}px) "
+          f"in {time.perf_counter() - t0:.1f} s, peak RSS {peak:.2f} GiB")
+
+    if args.check:
+        import jax
+        import jax.numpy as jnp
+
+        model, config = C.load_sam(args.out)
+        s = config.image_size
+        emb = jax.jit(lambda m, x: m.embed(x))(model, jnp.zeros((1, s, s, 3), jnp.float32))
+        low, iou = jax.jit(lambda m, e, c, lab: m.decode(e, c, lab, multimask_output=True))(
+            model, emb, jnp.full((1, 1, 1, 2), s / 2.0), jnp.ones((1, 1, 1), jnp.int32))
+        print(f"check: embedding {tuple(emb.shape)}, low-res logits {tuple(low.shape)}, "
+              f"IoU predictions {[round(float(v), 3) for v in iou[0, 0]]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
