@@ -1,0 +1,81 @@
+"""Converts DeepLabV3+ / backbone checkpoints from PyTorch to a zsp_jax ``.safetensors`` file.
+
+Accepted inputs (format, architecture and class count are read from the tensors):
+
+  UniMatch ImageNet backbones   pretrained/resnet50.pth, resnet101.pth (deep stem), xception.pth
+  torchvision ResNets           resnet50-*.pth, resnet101-*.pth (plain stem; fc.* dropped)
+  UniMatch-trained checkpoints  best.pth / latest.pth ({'model': ..., 'optimizer': ...}, 'module.' prefixes)
+
+Examples:
+
+  python tools/convert_backbone.py pretrained/resnet101.pth weights/resnet101_deep.safetensors --num-classes 21
+  python tools/convert_backbone.py resnet50-11ad3fa6.pth weights/r50_tv.safetensors --num-classes 19 --variant resnet50
+  python tools/convert_backbone.py exp/pascal/unimatch/r101/1464/best.pth weights/unimatch_voc_1464.safetensors
+
+A backbone file converts to backbone weights only: loading it (``zsp_jax.models.deeplab.convert.load_model``)
+initialises the ASPP, decoder and classifier randomly and says so. ``--variant`` (and
+``--stem``) make the tool check that the file holds the model you expect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+VARIANTS = ("resnet50", "resnet101", "xception65")
+BACKBONE_FIELDS = ("backbone", "resnet_blocks", "resnet_stem", "resnet_width", "xception_widths", "xception_middle")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="PyTorch checkpoint (.pth / .pt)")
+    p.add_argument("output", help="output .safetensors file")
+    p.add_argument("--variant", choices=VARIANTS, help="expected backbone; checked against the file")
+    p.add_argument("--stem", choices=("deep", "plain"), help="expected ResNet stem; checked against the file")
+    p.add_argument("--num-classes", type=int, help="classes of the head (required for a backbone file)")
+    p.add_argument("--output-stride", type=int, default=16, choices=(8, 16, 32),
+                   help="output stride stored in the config (default 16, UniMatch's)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from zsp_jax.models.deeplab import DeepLabConfig
+    from zsp_jax.models.deeplab.convert import (ConversionError, check_config, config_for, convert,
+                                                detect_source, read_torch_checkpoint, save_converted)
+
+    t0 = time.perf_counter()
+    try:
+        sd = read_torch_checkpoint(args.source)
+        info = detect_source(sd, source_name=args.source)
+        print(f"{args.source}: {info.describe()} ({len(sd)} tensors, format {info.format})")
+        overrides = {"output_stride": args.output_stride}
+        if args.num_classes is not None:
+            overrides["num_classes"] = args.num_classes  # for a full checkpoint: checked against its classifier
+        elif info.contents == "backbone":
+            print("error: a backbone file: give --num-classes for the head that will be initialised randomly",
+                  file=sys.stderr)
+            return 2
+        config = config_for(info, **overrides)
+        if args.variant is not None or args.stem is not None:
+            variant = args.variant or ("xception65" if info.config["backbone"] == "xception" else "resnet101")
+            kw = {} if variant == "xception65" else {"stem": args.stem or info.config.get("resnet_stem", "deep")}
+            named = getattr(DeepLabConfig, variant)(**kw)
+            fields = BACKBONE_FIELDS if args.variant else ("backbone", "resnet_stem")
+            check_config(info, config.replace(**{f: getattr(named, f) for f in fields}), source_name=args.source)
+        weights, info = convert(sd, config, source_name=args.source)
+        save_converted(args.output, weights, config, info)
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}: {len(weights)} tensors, {sum(w.size for w in weights.values()) / 1e6:.2f}M values, "
+          f"variant {config.variant}, {config.num_classes} classes, output stride {config.output_stride} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    if info.contents == "backbone":
+        print("note: backbone weights only; ASPP, decoder and classifier are randomly initialised when loaded")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
