@@ -45,6 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 8
     c.train.crop_size = a.crop
+    c.train.epochs = 30                          # passes over the unlabelled set (UniMatch's)
+    c.train.lr = 0.004                           # SGD base lr of the backbone, poly schedule (power 0.9)
+    c.train.head_lr_multiplier = 10.0            # lr of ASPP + decoder = lr x this
+    c.train.momentum = 0.9
+    c.train.weight_decay = 1e-4
+    c.train.conf_thresh = 0.95                   # confidence that lets an unlabelled pixel into the loss
 
     c.model = ml_collections.ConfigDict()
     c.model.backbone = a.backbone

@@ -1,7 +1,7 @@
 """Converts a CLIP checkpoint to zsp_jax's ``.safetensors`` format (once; loading then needs no torch).
 
     python tools/convert_clip.py SOURCE OUT.safetensors [--format hf|openai|open_clip]
-                                 [--act gelu|quick_gelu] [--model-name NAME] [--no-tokenizer]
+                                 [--act gelu|quick_gelu] [--model-name NAME] [--no-tokenizer] [--check]
 
 SOURCE is one of
   * a transformers CLIPModel directory (config.json + model.safetensors / pytorch_model.bin),

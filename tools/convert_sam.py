@@ -10,12 +10,14 @@ shape checked. The checkpoint is memory-mapped and converted tensor by tensor. T
 holds float32 weights keyed by the NNX state paths, and the model config in its metadata;
 ``zsp_jax.models.sam.load_sam(OUT)`` reads it without torch.
 
-Exit status: 0 on success, 1 on a conversion error (the message says what differs).
+Exit status: 0 on success, 1 on a conversion error (the message says what differs) or an
+unusable path (missing source, output that is a directory or the source itself, unwritable).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -34,11 +36,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from zsp_jax.models.sam import convert as C
 
+    if os.path.exists(args.out) and os.path.exists(args.source) and os.path.samefile(args.source, args.out):
+        print(f"error: the output {args.out} is the source checkpoint; it would be overwritten", file=sys.stderr)
+        return 1
+    if os.path.isdir(args.out):
+        print(f"error: the output {args.out} is a directory; give a file path ending in .safetensors",
+              file=sys.stderr)
+        return 1
     t0 = time.perf_counter()
     try:
         config = C.convert_checkpoint(args.source, args.out, variant=args.variant, allow_custom=args.allow_custom)
     except (FileNotFoundError, C.W.ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # reading is wrapped in ConversionError above, so this is the output side
+        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
         return 1
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"{args.source} -> {args.out}: {config.name} (encoder {config.encoder_dim} x {config.encoder_depth}, "

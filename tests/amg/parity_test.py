@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from segment_anything import SamAutomaticMaskGenerator
 
-from zsp_jax.amg import AmgOptions, AutomaticMaskGenerator, data_mesh
-from zsp_jax.testing.amg import match_records, sample_images
+from zsp_jax.amg import AmgOptions, AutomaticMaskGenerator, data_mesh, records_from_outputs
+from zsp_jax.testing.amg import mask_iou_matrix, masks_of, match_records, sample_images
 
 # Two images of one size bucket (192 x 256 at bucket 64): one compiled program per option set.
 SIZES = [(150, 200), (140, 230)]
@@ -42,6 +42,7 @@ def _check(ref_records, our_records, *, min_masks, same_order=0.95):
         assert on_diagonal >= same_order
         for i, j in m.pairs:
             r, o = ref[i], ours[j]
+            assert r.keys() == o.keys() and type(r["segmentation"]) is type(o["segmentation"])
             assert abs(r["predicted_iou"] - o["predicted_iou"]) <= 1e-4
             assert abs(r["stability_score"] - o["stability_score"]) <= 1e-4
             assert r["crop_box"] == o["crop_box"]
@@ -91,7 +92,11 @@ def test_crop_layers_equal_reference(sam_pair):
 
 def test_nms_postprocess_and_coco_rle_equal_reference(sam_pair):
     """The whole pipeline with the reference's NMS defaults, crop layers with the default overlap (the
-    crop-edge rule drops masks), min_mask_region_area and COCO RLE output."""
+    crop-edge rule drops masks), min_mask_region_area and COCO RLE output.
+
+    Random-weight masks are speckled with near-image-size boxes, so the default NMS keeps one mask per
+    image here: this checks that both keep the same one, after the clean-up. The NMS itself is compared
+    with torchvision's on random boxes in nms_test.py, the clean-up on many masks below."""
     ref_model, model = sam_pair
     options = AmgOptions(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.05,
                          stability_score_offset=0.05, crop_n_layers=1, crop_n_points_downscale_factor=2,
@@ -118,3 +123,27 @@ def test_explicit_grids_threshold_and_uncompressed_rle_equal_reference(sam_pair)
     for r, o in zip(ref, ours):
         matched = [(x["segmentation"], y["segmentation"]) for x, y in zip(r, o)]
         assert sum(a == b for a, b in matched) >= 0.9 * len(matched)  # equal masks -> equal encodings
+
+
+def test_min_mask_region_area_on_many_masks_equal_reference(sam_pair):
+    """min_mask_region_area on every mask of a crop-layer run (NMS off, so nothing hides the clean-up): the
+    cleaned masks, boxes and order equal the reference's. Random-weight masks are speckled, so every one of
+    them has a small hole or island and changes; regions_test.py covers a mix of changed and unchanged masks."""
+    ref_model, model = sam_pair
+    options = AmgOptions(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.05,
+                         stability_score_offset=0.05, box_nms_thresh=1.0, crop_nms_thresh=1.0, crop_n_layers=1,
+                         crop_n_points_downscale_factor=2, crop_overlap_ratio=0.8, max_masks=400,
+                         min_mask_region_area=30)
+    images = sample_images([(160, 160), (176, 176)])  # one bucket: a single generate_padded call
+    ref = _reference(ref_model, options, images)
+    gen = AutomaticMaskGenerator(model, options, mesh=data_mesh(jax.devices()[:1]), batch_size=len(images))
+    out, plan = gen.generate_padded(images)
+    out = jax.tree.map(np.asarray, out)
+    ours = [records_from_outputs(out, row, im.shape[:2], plan) for row, im in enumerate(images)]
+    _check(ref, ours, min_masks=150)
+    for row, (im, records) in enumerate(zip(images, ours)):
+        h, w = im.shape[:2]
+        raw = out.masks[row, : int(out.valid[row].sum()), :h, :w]
+        assert len(records) == len(raw)  # NMS at max(box, crop) = 1.0 drops nothing
+        changed = mask_iou_matrix(masks_of(records), raw).max(axis=1) < 1.0
+        assert changed.mean() >= 0.9, changed.mean()  # the clean-up really changed the masks compared above

@@ -37,6 +37,8 @@ def test_shard_work_splits_round_robin():
     parts = [shard_work(items, i, 3) for i in range(3)]
     assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
     assert sorted(sum(parts, [])) == items
+    # Defaults: jax.process_index() / jax.process_count(); a single process gets everything.
+    assert jax.process_count() == 1 and shard_work(items) == items
 
 
 def test_fast_mode_deviation_from_exact(sam_pair):

@@ -60,8 +60,10 @@ def test_command_line_overrides():
         fv(argv)
         return fv.config
 
-    c = parse("--config.train.batch_size=16", "--config.data.workers=3", "--config.data.root=/data/voc")
+    c = parse("--config.train.batch_size=16", "--config.data.workers=3", "--config.data.root=/data/voc",
+              "--config.train.epochs=40", "--config.train.lr=0.002")
     assert (c.data.split, c.train.batch_size, c.data.workers, c.data.root) == ("183", 16, 3, "/data/voc")
+    assert (c.train.epochs, c.train.lr) == (40, 0.002)
     with pytest.raises(Exception, match="no_such_field"):
         parse("--config.train.no_such_field=1")
 
@@ -73,6 +75,10 @@ def _valid_smoke():
 @pytest.mark.parametrize("field, value, message", [
     ("train.crop_size", 31, r"train\.crop_size=31"),
     ("train.batch_size", 0, r"train\.batch_size=0"),
+    ("train.epochs", 0, r"train\.epochs=0"),
+    ("train.lr", -0.1, r"train\.lr=-0\.1"),
+    ("train.momentum", 1.5, r"train\.momentum=1\.5"),
+    ("train.conf_thresh", 1.2, r"train\.conf_thresh=1\.2"),
     ("data.source", "web", r"data\.source='web'"),
     ("data.on_bad_input", "ignore", r"data\.on_bad_input='ignore'"),
     ("data.strong_aug", "gpu", r"data\.strong_aug='gpu'"),

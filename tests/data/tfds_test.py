@@ -73,3 +73,29 @@ def test_eval_dataset_shards_cover_every_example_once(voc_build):
         ds = pipeline.eval_dataset(src, shard=grain.sharding.ShardOptions(p, 3))
         names += [e["name"] for e in ds]
     assert sorted(names) == sorted(src[i]["name"] for i in range(len(src)))
+
+
+def _build_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "build_tfds", os.path.join(os.path.dirname(__file__), "..", "..", "tools", "build_tfds.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_build_tool_builds_reuses_and_names_a_stale_build(voc_copy, tmp_path, capsys):
+    tool = _build_tool()
+    tfds_dir = str(tmp_path / "tfds")
+    assert tool.main(["--dataset", "voc", "--root", voc_copy, "--tfds-dir", tfds_dir]) == 0
+    out = capsys.readouterr().out
+    assert tfds_builders.is_built("voc", tfds_dir) and "train_aug: 16 examples" in out
+    os.remove(readers.VocLayout(voc_copy).subset("train_aug")[0].image)
+    assert tool.main(["--dataset", "voc", "--root", voc_copy, "--tfds-dir", tfds_dir]) == 1
+    assert "out of date" in capsys.readouterr().err
+    assert tool.main(["--dataset", "voc", "--root", voc_copy, "--tfds-dir", tfds_dir, "--rebuild-if-stale",
+                      "--on-bad-input", "skip"]) == 0
+    assert "listed but missing" in capsys.readouterr().out
+    assert tool.main(["--dataset", "voc", "--root", str(tmp_path / "nowhere"), "--tfds-dir", tfds_dir]) == 1
+    assert "nowhere" in capsys.readouterr().err

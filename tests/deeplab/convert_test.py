@@ -137,13 +137,20 @@ def test_xception_backbone_file_drops_what_unimatch_drops(tmp_path):
     _assert_backbone_matches(model, ref.backbone)
 
 
-@pytest.mark.parametrize("config", [DeepLabConfig.tiny_resnet(), DeepLabConfig.tiny_xception(),
-                                    DeepLabConfig.tiny_resnet(resnet_stem="plain")], ids=["deep", "xception", "plain"])
-def test_unimatch_training_checkpoint(config, tmp_path):
-    """{'model': DDP state_dict with 'module.' prefixes, 'optimizer': ..., ...} -> the same logits."""
+@pytest.mark.parametrize("config,wrapped", [(DeepLabConfig.tiny_resnet(), True), (DeepLabConfig.tiny_xception(), True),
+                                            (DeepLabConfig.tiny_resnet(resnet_stem="plain"), True),
+                                            (DeepLabConfig.tiny_resnet(), False)],
+                         ids=["deep", "xception", "plain", "deep-bare"])
+def test_unimatch_training_checkpoint(config, wrapped, tmp_path):
+    """{'model': DDP state_dict with 'module.' prefixes, 'optimizer': ..., ...} (as UniMatch's
+    training saves it), or the bare state_dict without prefixes -> the same logits."""
     ref = torch_reference(config, seed=6)
-    ckpt = {"model": {"module." + k: v for k, v in ref.state_dict().items()},
-            "optimizer": {"state": {}, "param_groups": [{"lr": 0.001}]}, "epoch": 12, "previous_best": 71.3}
+    if wrapped:
+        ckpt = {"model": {"module." + k: v for k, v in ref.state_dict().items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.001}]}, "epoch": 12, "previous_best": 71.3}
+    else:
+        ckpt = ref.state_dict()
+        assert not any(k.startswith("module.") for k in ckpt)
     path = str(tmp_path / "best.pth")
     torch.save(ckpt, path)
     x = _x(97)
@@ -177,7 +184,39 @@ def test_bf16_load():
     assert relative_error(out, expected) <= 5e-2  # bf16 compute; fp32 parameters and BN statistics
 
 
+def test_cityscapes_checkpoint_needs_its_geometry(tmp_path):
+    """Multi-grid, output stride and ASPP rates are not in the tensors: converted with the
+    defaults the logits differ; with the CLI's geometry flags (stored in the file) they match."""
+    config = DeepLabConfig.tiny_resnet(resnet_blocks=(1, 1, 1, 3), resnet_multi_grid=True, output_stride=8,
+                                       aspp_rates=(12, 24, 36))
+    ref = torch_reference(config, seed=9)
+    path = str(tmp_path / "best.pth")
+    torch.save({"model": {"module." + k: v for k, v in ref.state_dict().items()}}, path)
+    x = _x(65)
+    with torch.no_grad():
+        expected = nchw_to_nhwc(ref(x))
+    out = str(tmp_path / "cs.safetensors")
+    assert _cli()([path, out, "--output-stride", "8", "--multi-grid", "--aspp-rates", "12", "24", "36"]) == 0
+    model, _ = cv.load_model(out)
+    assert model.config == config
+    assert relative_error(_logits(model, x), expected) <= 1e-5
+    default, _ = cv.load_model(path)  # PASCAL geometry: the same tensors, a different network
+    # compared without each image's per-class mean, which the random classifier bias dominates;
+    # 1e-3 is 10x the project's parity bar and 100x what the right geometry gives above
+    centred = lambda a: np.asarray(a) - np.asarray(a).mean(axis=(1, 2), keepdims=True)  # noqa: E731
+    assert relative_error(centred(_logits(default, x)), centred(expected)) > 1e-3
+
+
 # ----------------------------------------------------------------------------- errors
+
+
+def test_missing_file(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere" / "resnet101.pth")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        cv.convert_file(missing, num_classes=21)
+    assert _cli()([missing, str(tmp_path / "o.safetensors"), "--num-classes", "21"]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o.safetensors")
 
 
 @pytest.fixture(scope="module")

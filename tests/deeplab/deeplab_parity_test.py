@@ -8,8 +8,8 @@ Real widths (ResNet-50/101 deep stem, ResNet-50 torchvision stem, Xception-65) o
   ~7e-4 (ResNet-101, 2x65x65), so an fp32 comparison could only test that loosely, while in
   fp64 any semantic difference (unbiased variance, statistics over the concatenated
   clean/perturbed batch, momentum) shows far above 1e-9.
-Tiny widths at 321x321 (every ASPP rate reaches real pixels) and output stride 8 add fp32
-train-mode checks and fp64 gradients.
+Tiny widths at 321x321 (every ASPP rate reaches real pixels), output stride 8 and UniMatch's
+Cityscapes geometry (multi-grid) add fp32 train-mode checks and fp64 gradients.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ TINY = {
     "tiny_resnet_plain_os8": (DeepLabConfig.tiny_resnet(resnet_stem="plain", output_stride=8), 161),
     "tiny_xception_os16": (DeepLabConfig.tiny_xception(), 321),
     "tiny_xception_os8": (DeepLabConfig.tiny_xception(output_stride=8), 161),
+    # UniMatch's Cityscapes geometry: output stride 8, multi-grid (stage-4 dilations 4, 8, 16), ASPP 12/24/36
+    "tiny_resnet_deep_os8_multigrid": (DeepLabConfig.tiny_resnet(resnet_blocks=(1, 1, 2, 3), resnet_multi_grid=True,
+                                                                 output_stride=8, aspp_rates=(12, 24, 36)), 161),
 }
 FP32_TOL = 1e-4
 FP64_TOL = 1e-9

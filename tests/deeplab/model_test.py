@@ -10,7 +10,8 @@ import pytest
 import torch
 from flax import nnx
 
-from zsp_jax.models.deeplab import (BACKBONE_PARAMS, HEAD_PARAMS, DeepLabConfig, param_group_labels)
+from zsp_jax.models.deeplab import (BACKBONE_PARAMS, HEAD_PARAMS, DeepLabConfig, DeepLabV3Plus,
+                                    param_group_labels)
 from zsp_jax.models.deeplab.convert import model_shapes
 from zsp_jax.models.deeplab.layers import ChannelDropout
 from zsp_jax.testing.deeplab_parity import nchw_to_nhwc, ours_from_torch, random_model, torch_reference
@@ -38,6 +39,24 @@ def test_config_json_round_trip_and_validation():
         DeepLabConfig.xception65(output_stride=32)
     with pytest.raises(ValueError, match="resnet_stem"):
         DeepLabConfig.resnet50(stem="v1d")
+
+
+@pytest.mark.parametrize("os_,multi_grid,expected", [(16, False, (1, 2, 2)), (8, False, (2, 4, 4)),
+                                                     (16, True, (2, 4, 8)), (8, True, (4, 8, 16))])
+def test_stage4_dilations(os_, multi_grid, expected):
+    """UniMatch's _make_layer: the first block keeps the previous dilation, multi-grid scales by (2, 2, 4)."""
+    config = DeepLabConfig.tiny_resnet(resnet_blocks=(1, 1, 1, 3), output_stride=os_, resnet_multi_grid=multi_grid)
+    model = nnx.eval_shape(lambda: DeepLabV3Plus(config, rngs=nnx.Rngs(0)))
+    assert tuple(b.conv2.dilation for b in model.backbone.layer4) == expected
+    assert tuple(b.conv2.stride for b in model.backbone.layer4) == (1, 1, 1)
+
+
+def test_multi_grid_validation():
+    assert DeepLabConfig.cityscapes().resnet_multi_grid and DeepLabConfig.cityscapes().output_stride == 8
+    with pytest.raises(ValueError, match="stage 4"):
+        DeepLabConfig.tiny_resnet(resnet_multi_grid=True)  # tiny has 1 block in stage 4
+    with pytest.raises(ValueError, match="ResNet backbones only"):
+        DeepLabConfig.xception65(resnet_multi_grid=True)
 
 
 @pytest.mark.parametrize("config", [DeepLabConfig.tiny_resnet(), DeepLabConfig.tiny_xception()], ids=["resnet", "x"])

@@ -185,6 +185,30 @@ def test_command_line_tool(tmp_path, tiny_checkpoint, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_command_line_tool_names_the_bad_path(tmp_path, tiny_checkpoint, capsys):
+    """Wrong inputs exit with status 1 and a one-line error naming the culprit, never a traceback or a file."""
+    tool = load_tool()
+    out = tmp_path / "out.safetensors"
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    other = tmp_path / "linear.pth"
+    torch.save(torch.nn.Linear(3, 4).state_dict(), other)
+    cases = [
+        ([str(text), str(out)], [str(text), "not a readable PyTorch checkpoint"]),
+        ([str(other), str(out)], [str(other), "not a segment-anything SAM state_dict"]),
+        ([str(tmp_path), str(out)], [str(tmp_path), "not a readable PyTorch checkpoint"]),
+        ([str(tiny_checkpoint), str(tiny_checkpoint), "--allow-custom"], [str(tiny_checkpoint), "is the source"]),
+        ([str(tiny_checkpoint), str(tmp_path), "--allow-custom"], [str(tmp_path), "is a directory"]),
+    ]
+    for argv, expected in cases:
+        assert tool.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err, err
+        assert all(e in err for e in expected), (argv, err)
+    assert not out.exists()
+    assert tiny_checkpoint.stat().st_size > 0 and torch.load(tiny_checkpoint, weights_only=True)
+
+
 def test_bf16_weights_load(tmp_path, tiny_checkpoint):
     out = tmp_path / "tiny.safetensors"
     convert_checkpoint(tiny_checkpoint, out, allow_custom=True)

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from zsp_jax.amg import device as D
-from zsp_jax.amg.geometry import Bucket, crop_plan
+from zsp_jax.amg.geometry import Bucket, crop_boxes, crop_plan
 from zsp_jax.amg.options import AmgOptions
 from zsp_jax.amg.regions import postprocess_small_regions
 from zsp_jax.amg.rle import masks_to_coco_rle, masks_to_rle
@@ -67,6 +67,12 @@ def prepare_inputs(images: Sequence[np.ndarray], plan: D.Plan) -> D.AmgInputs:
     o = plan.options
     s = plan.image_size
     layers_imgs, layers_boxes, layers_hw = [], [], []
+    for im in images:
+        boxes = np.asarray(crop_boxes(im.shape[:2], o.crop_n_layers, o.crop_overlap_ratio)[0])
+        if np.any(boxes[:, 2] <= boxes[:, 0]) or np.any(boxes[:, 3] <= boxes[:, 1]):
+            # The reference fails here too (an empty crop cannot be resized).
+            raise ValueError(f"image of size {im.shape[:2]} is too small for crop_n_layers={o.crop_n_layers}: "
+                             "a crop would be empty")
     per_image = [crop_plan(im.shape[:2], o.crop_n_layers, o.crop_overlap_ratio, s) for im in images]
     for li in range(o.crop_n_layers + 1):
         imgs = np.zeros((len(images), plan.layers[li].n_crops, s, s, 3), np.float32)
@@ -85,9 +91,13 @@ def prepare_inputs(images: Sequence[np.ndarray], plan: D.Plan) -> D.AmgInputs:
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
+    """Rejects what the reference cannot take either, with a message that says what to do."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}")
+        raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}; convert grey-scale "
+                         "or RGBA images to RGB first (e.g. PIL's Image.convert('RGB'))")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"empty image of shape {image.shape}")
     return image
 
 
@@ -240,23 +250,43 @@ class AutomaticMaskGenerator:
         """Masks of one uint8 (H, W, 3) RGB image, as ``SamAutomaticMaskGenerator.generate``."""
         return self.generate_batch([image])[0]
 
-    def generate_batch(self, images: Iterable[np.ndarray]) -> list[list[dict[str, Any]]]:
-        """Masks of many images: bucketed, batched and sharded over the mesh; records per image, in order."""
+    def generate_batch(self, images: Iterable[np.ndarray], *, progress: bool = False
+                       ) -> list[list[dict[str, Any]]]:
+        """Masks of many images: bucketed, batched and sharded over the mesh; records per image, in order.
+
+        Args:
+          images: uint8 (H, W, 3) RGB images of any sizes (grouped by bucket; each bucket compiles once).
+          progress: show a tqdm progress bar (images done, on stderr).
+
+        Returns:
+          One list of records per image, as ``generate``.
+        """
         images = [_check_image(im) for im in images]
         self.timings = Timings(compile=0.0)
         results: list[list[dict[str, Any]] | None] = [None] * len(images)
         groups: dict[Bucket, list[int]] = {}
         for i, im in enumerate(images):
             groups.setdefault(Bucket.for_size(im.shape[:2], self.options.bucket), []).append(i)
-        for idxs in groups.values():
-            for start in range(0, len(idxs), self.batch_size):
-                chunk = idxs[start:start + self.batch_size]
-                out, plan = self.generate_padded([images[i] for i in chunk])
-                t0 = time.perf_counter()
-                host = jax.tree.map(np.asarray, out)
-                for row, i in enumerate(chunk):
-                    results[i] = records_from_outputs(host, row, images[i].shape[:2], plan)
-                self.timings.postprocess += time.perf_counter() - t0
+        bar = None
+        if progress:
+            import tqdm
+
+            bar = tqdm.tqdm(total=len(images), desc="automatic masks", unit="img")
+        try:
+            for idxs in groups.values():
+                for start in range(0, len(idxs), self.batch_size):
+                    chunk = idxs[start:start + self.batch_size]
+                    out, plan = self.generate_padded([images[i] for i in chunk])
+                    t0 = time.perf_counter()
+                    host = jax.tree.map(np.asarray, out)
+                    for row, i in enumerate(chunk):
+                        results[i] = records_from_outputs(host, row, images[i].shape[:2], plan)
+                    self.timings.postprocess += time.perf_counter() - t0
+                    if bar is not None:
+                        bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
         return results  # type: ignore[return-value]
 
 
@@ -288,7 +318,8 @@ def records_from_outputs(out: D.AmgOutputs, row: int, image_hw: tuple[int, int],
         order, masks, boxes = postprocess_small_regions(masks, boxes, o.min_mask_region_area,
                                                         o.postprocess_nms_thresh)
     if o.output_mode == "binary_mask":
-        segs: list[Any] = list(masks)
+        # A copy: views would keep the whole padded (B, K, Hb, Wb) batch alive as long as any record.
+        segs: list[Any] = list(np.ascontiguousarray(masks))
         areas = masks.sum(axis=(1, 2))
     else:
         rles = masks_to_rle(masks)

@@ -1,8 +1,8 @@
 """Start-up checks of the config fields the data layer reads; every error names its field.
 
 Fields (see ``configs/voc.py`` for their meaning): ``seed``, ``workdir``, ``data.*``,
-``train.batch_size``, ``train.crop_size``, ``data_stage.*`` and, for generated data,
-``synthetic.*``.
+``train.*`` (UniMatch's optimisation settings, checked here so that a bad value stops a run at
+start-up), ``data_stage.*`` and, for generated data, ``synthetic.*``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_range("train.batch_size", t.batch_size, 1, None)
     if t.crop_size < 32:
         _fail("train.crop_size", t.crop_size, "must be at least 32")
+    check_range("train.epochs", t.epochs, 1, None)
+    for name in ("lr", "head_lr_multiplier", "weight_decay"):
+        check_range(f"train.{name}", t[name], 0.0, None)
+    check_range("train.momentum", t.momentum, 0.0, 1.0)
+    check_range("train.conf_thresh", t.conf_thresh, 0.0, 1.0)
     check_range("data_stage.num_batches", config.data_stage.num_batches, 0, None)
     check_range("data_stage.preview_images", config.data_stage.preview_images, 0, 16)
     generated = bool(config.get("synthetic"))

@@ -36,6 +36,16 @@ class Example:
     image: str
     mask: str | None = None
 
+    def read_bytes(self) -> tuple[bytes, bytes]:
+        """(encoded image bytes, encoded mask bytes or b"" when unlabelled), read as stored."""
+        with open(self.image, "rb") as f:
+            image = f.read()
+        mask = b""
+        if self.mask is not None:
+            with open(self.mask, "rb") as f:
+                mask = f.read()
+        return image, mask
+
 
 class Layout:
     """A dataset root plus the rule that finds an image's mask. Subclasses define ``subsets``."""

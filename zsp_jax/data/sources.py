@@ -30,12 +30,7 @@ class FileSource:
 
     def __getitem__(self, index: int) -> Record:
         ex = self._examples[index]
-        with open(ex.image, "rb") as f:
-            image = f.read()
-        mask = b""
-        if ex.mask is not None:
-            with open(ex.mask, "rb") as f:
-                mask = f.read()
+        image, mask = ex.read_bytes()
         return {"name": ex.name, "image": image, "mask": mask}
 
     @property

@@ -12,8 +12,8 @@ build's metadata (``skipped``). Record order is the sorted example order
 (``disable_shuffling``), and the metadata holds each split's ``names`` in record order, so a
 split file maps onto record indices without reading the records.
 
-Build once with ``build(...)`` (``tools/prepare_coco.py`` prints the COCO command; ``zsp_jax.main``
-builds on first use); read with ``sources.TfdsSource``.
+Build once with ``build(...)`` or ``tools/build_tfds.py`` (``zsp_jax.main`` builds on first use);
+read with ``sources.TfdsSource``.
 """
 
 from __future__ import annotations
@@ -87,12 +87,7 @@ class _SemanticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, examples: list[readers.Example], sizes: dict[str, tuple[int, int]]):
         for i, ex in enumerate(examples):
-            with open(ex.image, "rb") as f:
-                image = f.read()
-            mask = b""
-            if ex.mask is not None:
-                with open(ex.mask, "rb") as f:
-                    mask = f.read()
+            image, mask = ex.read_bytes()
             h, w = sizes[ex.name]
             yield f"{i:08d}", {"image": image, "mask": mask, "name": ex.name, "height": h, "width": w}
 

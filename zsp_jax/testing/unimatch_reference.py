@@ -52,7 +52,8 @@ class ResNet(nn.Module):
     """Bottleneck ResNet; ``base_forward`` returns (c1, c2, c3, c4) like UniMatch's."""
 
     def __init__(self, blocks: Sequence[int] = (3, 4, 23, 3), *, stem: str = "deep", width: int = 64,
-                 replace_stride_with_dilation: Sequence[bool] = (False, False, True), with_fc: bool = False):
+                 replace_stride_with_dilation: Sequence[bool] = (False, False, True), multi_grid: bool = False,
+                 with_fc: bool = False):
         super().__init__()
         w = width
         if stem == "deep":
@@ -74,9 +75,12 @@ class ResNet(nn.Module):
             first_dilation = dilation
             if i > 0 and replace_stride_with_dilation[i - 1]:
                 dilation, stride = dilation * stride, 1
+            # multi-grid (UniMatch's Cityscapes setting) scales the last stage's dilations by 2, 2, 4
+            grids = (2, 2, 4) if multi_grid and i == 3 else (1,) * n
             layer = []
             for j in range(n):
-                layer.append(Bottleneck(cin, planes, stride if j == 0 else 1, first_dilation if j == 0 else dilation))
+                d = (first_dilation if j == 0 else dilation) * grids[j]
+                layer.append(Bottleneck(cin, planes, stride if j == 0 else 1, d))
                 cin = 4 * planes
             setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
         if with_fc:  # torchvision's classifier, present in its state_dicts, unused here
@@ -254,7 +258,7 @@ def build(config) -> DeepLabV3Plus:
     if config.backbone == "resnet":
         dilate = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}[config.output_stride]
         backbone = ResNet(config.resnet_blocks, stem=config.resnet_stem, width=config.resnet_width,
-                          replace_stride_with_dilation=dilate)
+                          replace_stride_with_dilation=dilate, multi_grid=config.resnet_multi_grid)
     else:
         backbone = Xception(config.output_stride, config.xception_widths, config.xception_middle)
     return DeepLabV3Plus(backbone, config.num_classes, config.aspp_rates, low_channels=config.low_level_in,

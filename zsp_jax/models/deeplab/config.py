@@ -17,6 +17,7 @@ RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 # conv1, conv2, block1, block2, block3 (= middle width), block20, conv3/conv4, conv5 (= high-level channels)
 XCEPTION65_WIDTHS = (32, 64, 128, 256, 728, 1024, 1536, 2048)
 XCEPTION65_MIDDLE = 16
+MULTI_GRID = (2, 2, 4)  # UniMatch's stage-4 dilation multipliers when multi_grid is set
 
 # PyTorch BatchNorm momentum m updates r <- (1 - m) r + m x; Flax's convention is r <- m r + (1 - m) x.
 TORCH_BN_MOMENTUM = 0.9  # torch default 0.1
@@ -37,6 +38,10 @@ class DeepLabConfig:
         (torchvision: one 7x7 conv to 64).
       resnet_width: channels of the first stage's bottleneck (64 for the real models); stage i
         uses ``width * 2**i`` and outputs 4x that.
+      resnet_multi_grid: UniMatch's ``multi_grid``: the three blocks of stage 4 multiply their
+        dilation by (2, 2, 4). UniMatch sets it only for Cityscapes (with output stride 8 and
+        ASPP rates 12/24/36, see ``cityscapes()``); PASCAL VOC and COCO use False. It changes
+        no tensor shape, so a converter cannot read it from a checkpoint: set it explicitly.
       xception_widths: the 8 channel counts of Xception-65 (see ``XCEPTION65_WIDTHS``).
       xception_middle: number of middle-flow blocks (16 for Xception-65).
       aspp_rates: dilation rates of the three atrous ASPP branches.
@@ -56,6 +61,7 @@ class DeepLabConfig:
     resnet_blocks: tuple[int, ...] = RESNET_BLOCKS[101]
     resnet_stem: str = "deep"
     resnet_width: int = 64
+    resnet_multi_grid: bool = False
     xception_widths: tuple[int, ...] = XCEPTION65_WIDTHS
     xception_middle: int = XCEPTION65_MIDDLE
     aspp_rates: tuple[int, int, int] = (6, 12, 18)
@@ -77,7 +83,12 @@ class DeepLabConfig:
                 raise ValueError(f"resnet_stem must be 'deep' or 'plain', got {self.resnet_stem!r}")
             if len(self.resnet_blocks) != 4:
                 raise ValueError(f"resnet_blocks needs 4 stages, got {self.resnet_blocks}")
-        else:
+            if self.resnet_multi_grid and self.resnet_blocks[3] != len(MULTI_GRID):
+                raise ValueError(f"resnet_multi_grid needs {len(MULTI_GRID)} blocks in stage 4, "
+                                 f"got {self.resnet_blocks[3]}")
+        elif self.resnet_multi_grid:
+            raise ValueError("resnet_multi_grid applies to ResNet backbones only")
+        if self.backbone == "xception":
             if self.output_stride not in (8, 16):
                 raise ValueError(f"Xception output_stride must be 8 or 16, got {self.output_stride}")
             if len(self.xception_widths) != 8:
@@ -99,6 +110,14 @@ class DeepLabConfig:
     def resnet101(cls, *, stem: str = "deep", **kw: Any) -> DeepLabConfig:
         """DeepLabV3+ on ResNet-101, UniMatch's PASCAL VOC / Cityscapes model (59.5M parameters, 21 classes)."""
         return cls(backbone="resnet", resnet_blocks=RESNET_BLOCKS[101], resnet_stem=stem, **kw)
+
+    @classmethod
+    def cityscapes(cls, depth: int = 50, **kw: Any) -> DeepLabConfig:
+        """UniMatch's Cityscapes model: ResNet-``depth`` (deep stem), output stride 8, multi-grid,
+        ASPP rates 12/24/36, 19 classes (``configs/cityscapes.yaml``)."""
+        kw = {"resnet_blocks": RESNET_BLOCKS[depth], "output_stride": 8, "resnet_multi_grid": True,
+              "aspp_rates": (12, 24, 36), "num_classes": 19, **kw}
+        return cls(backbone="resnet", **kw)
 
     @classmethod
     def xception65(cls, **kw: Any) -> DeepLabConfig:

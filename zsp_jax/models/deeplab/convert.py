@@ -18,7 +18,10 @@ removed first):
 Every source tensor is consumed or deliberately dropped (``num_batches_tracked`` everywhere),
 every model weight is produced, every shape checked (``zsp_jax.utils.weights``). The backbone
 kind, depth, stem and width (and the number of classes of a full checkpoint) are read from the
-tensors; a requested config that disagrees is reported naming what differs.
+tensors; a requested config that disagrees is reported naming what differs. Output stride,
+multi-grid and ASPP rates change no shape and cannot be read from a file: a UniMatch Cityscapes
+checkpoint needs ``config=DeepLabConfig.cityscapes(...)`` (or the CLI's ``--output-stride 8
+--multi-grid --aspp-rates 12 24 36``); the defaults are UniMatch's PASCAL VOC / COCO settings.
 
 A backbone file gives only ``backbone.*`` weights: ``init_with_backbone`` puts them into a
 freshly initialised model and says which parts stayed random (ASPP, decoder, classifier).

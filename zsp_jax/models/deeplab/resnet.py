@@ -9,7 +9,9 @@ Structure as in UniMatch's ``model/backbone/resnet.py`` and torchvision's ``resn
 * four stages of bottlenecks; output stride 16 replaces the stride of stage 4 by dilation 2
   (8: stage 3 dilation 2, stage 4 dilation 4). As in torchvision's
   ``replace_stride_with_dilation``, the first block of a dilated stage keeps the previous
-  dilation on its 3x3 conv and the later blocks use the new one (no multi-grid).
+  dilation on its 3x3 conv and the later blocks use the new one.
+* ``resnet_multi_grid`` (UniMatch's Cityscapes setting): stage 4's blocks multiply those
+  dilations by (2, 2, 4), e.g. 4, 8, 16 at output stride 8 and 2, 4, 8 at output stride 16.
 
 Returns the stage-1 output (stride 4, ``4 * width`` channels) as the low-level features and
 the stage-4 output (``32 * width`` channels) as the high-level features.
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zsp_jax.models.deeplab.config import DeepLabConfig
+from zsp_jax.models.deeplab.config import MULTI_GRID, DeepLabConfig
 from zsp_jax.models.deeplab.layers import BatchNorm, ConvBN, conv, max_pool_3x3_s2
 
 Array = jax.Array
@@ -83,10 +85,11 @@ class ResNet(nnx.Module):
             if i > 0 and dilate[i - 1]:
                 dilation *= stride
                 stride = 1
+            grid = MULTI_GRID if i == 3 and config.resnet_multi_grid else (1,) * n_blocks
             blocks = []
             for j in range(n_blocks):
                 blocks.append(Bottleneck(in_ch, planes, stride=stride if j == 0 else 1,
-                                         dilation=previous if j == 0 else dilation, **kw))
+                                         dilation=(previous if j == 0 else dilation) * grid[j], **kw))
                 in_ch = 4 * planes
             stages.append(nnx.List(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
