@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 
@@ -30,7 +29,9 @@ import numpy as np
 
 
 def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    from zsp_jax.utils.bench import peak_rss_bytes  # imported late: main() sets XLA flags first
+
+    return peak_rss_bytes() / 1e9
 
 
 def _memory_line(compiled) -> str:

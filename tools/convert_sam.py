@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 
@@ -35,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from zsp_jax.models.sam import convert as C
+    from zsp_jax.utils.bench import peak_rss_bytes
 
     if os.path.exists(args.out) and os.path.exists(args.source) and os.path.samefile(args.source, args.out):
         print(f"error: the output {args.out} is the source checkpoint; it would be overwritten", file=sys.stderr)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # reading is wrapped in ConversionError above, so this is the output side
         print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
         return 1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_rss_bytes() / 2**30
     print(f"{args.source} -> {args.out}: {config.name} (encoder {config.encoder_dim} x {config.encoder_depth}, "
           f"global attention at {list(config.global_attn_indexes)}, {config.image_size}px) "
           f"in {time.perf_counter() - t0:.1f} s, peak RSS {peak:.2f} GiB")

@@ -75,6 +75,26 @@ def torch_matmul_rate(n: int = 2048) -> float:
     return 2 * n**3 / t
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes.
+
+    Reads ``VmHWM`` from ``/proc/self/status`` where it exists: ``getrusage``'s ``ru_maxrss``
+    survives ``execve``, so a tool started from a large process (a test run, a notebook) would
+    report its parent's peak instead of its own. Falls back to ``ru_maxrss`` elsewhere.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    kib_or_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib_or_bytes if platform.system() == "Darwin" else kib_or_bytes * 1024
+
+
 def machine_description() -> str:
     """One line naming the machine, for the README tables."""
     dev = jax.devices()[0]
