@@ -63,6 +63,8 @@ def write_masks(annotation_file: str, mask_dir: str, *, crowd: str = "ignore", w
 
     Existing masks are kept (a killed run resumes); each file is written atomically. Workers are
     forked after the annotations are loaded, so they share them instead of each loading the JSON.
+    With ``workers > 1`` call it from a process that has not started JAX (as ``tools/prepare_coco.py``
+    does): forking a process whose JAX runtime threads are running can deadlock the children.
     """
     global _COCO
     from pycocotools.coco import COCO
