@@ -4,8 +4,9 @@
     python -m zsp_jax.main --config configs/voc.py:split=1_4 --config.data.root=/tmp/synth/VOC2012 \
         --config.data.splits_dir=/tmp/synth/splits --config.data.tfds_dir=/tmp/synth/tfds
 
-Used by the tests, configs/smoke.py and tools/bench_input.py; handy to try a config end to end
-without downloading anything.
+The same generator (``zsp_jax.data.synthetic.make_voc_like``) makes the data of the tests,
+configs/smoke.py and tools/bench_input.py; handy to try a config end to end without downloading
+anything.
 """
 
 from __future__ import annotations

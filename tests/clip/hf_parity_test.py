@@ -33,6 +33,16 @@ def _ours(model, images, ids):
     return img, txt, logits
 
 
+def _assert_embeddings_and_logits_match(ours, model, images, ids):
+    """Image and text embeddings within 1e-5, logits within 1e-4 of transformers'; returns its text embeddings."""
+    img, txt, logits = _reference(model, images, ids)
+    o_img, o_txt, o_logits = _ours(ours, images, ids)
+    assert relative_error(o_img, img) <= 1e-5
+    assert relative_error(o_txt, txt) <= 1e-5
+    assert relative_error(o_logits, logits) <= 1e-4
+    return txt
+
+
 def _hf_ids(tokenizer, prompts):
     """transformers' layout: padded with end-of-text (49407), not 0."""
     ids = tokenizer(prompts)
@@ -44,11 +54,7 @@ def test_tiny_embeddings_and_logits(tiny_hf, tokenizer):
     ours = converted.build()
     images = clip_testing.random_images(3, 32, 32)
     ids = _hf_ids(tokenizer, PROMPTS)
-    img, txt, logits = _reference(model, images, ids)
-    o_img, o_txt, o_logits = _ours(ours, images, ids)
-    assert relative_error(o_img, img) <= 1e-5
-    assert relative_error(o_txt, txt) <= 1e-5
-    assert relative_error(o_logits, logits) <= 1e-4
+    txt = _assert_embeddings_and_logits_match(ours, model, images, ids)
     # zero padding (OpenAI / open_clip layout) and cutting the context give the same text embeddings
     zero_padded = tokenizer(PROMPTS)
     encode = encode_text_fn(ours)
@@ -108,8 +114,4 @@ def test_vit_b16_shape(tokenizer):
     ours = converted.build()
     images = clip_testing.random_images(2, 224, 224, seed=5)
     ids = _hf_ids(tokenizer, PROMPTS)
-    img, txt, logits = _reference(model, images, ids)
-    o_img, o_txt, o_logits = _ours(ours, images, ids)
-    assert relative_error(o_img, img) <= 1e-5
-    assert relative_error(o_txt, txt) <= 1e-5
-    assert relative_error(o_logits, logits) <= 1e-4
+    _assert_embeddings_and_logits_match(ours, model, images, ids)

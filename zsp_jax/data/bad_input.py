@@ -11,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import Iterable
 
+from zsp_jax.config_utils import check_choice
 from zsp_jax.utils import io
 
 POLICIES = ("error", "skip")
@@ -55,6 +56,4 @@ def write_report(path: str | os.PathLike, problems: Iterable[Problem], what: str
 
 
 def check_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise ValueError(f"config field data.on_bad_input={policy!r}: expected one of {list(POLICIES)}")
-    return policy
+    return check_choice("data.on_bad_input", policy, POLICIES)

@@ -30,5 +30,6 @@ COCO_CLASSES = (
 )
 
 CLASSES = {"voc": VOC_CLASSES, "coco": COCO_CLASSES}
+NUM_CLASSES = {name: len(names) for name, names in CLASSES.items()}
 
 assert len(VOC_CLASSES) == 21 and len(COCO_CLASSES) == 81 and len(COCO_CATEGORY_IDS) == 80

@@ -14,10 +14,10 @@ import ml_collections
 
 from zsp_jax.config_utils import check_choice, check_range
 from zsp_jax.data import bad_input, readers, splits
+from zsp_jax.data.classes import NUM_CLASSES
 
 SOURCES = ("tfds", "folder")
 STRONG_AUG = ("device", "host")
-NUM_CLASSES = {"voc": 21, "coco": 81}
 _SPLIT_NAME = re.compile(r"^(\d+|1_\d+)$")
 
 

@@ -135,6 +135,21 @@ def check_same_size(image: np.ndarray, mask: np.ndarray, mask_path: str) -> None
                                        f"image's {image.shape[1]}x{image.shape[0]}")
 
 
+def decode_pair(image_data: bytes, mask_data: bytes | None, image_name: str, mask_name: str, *, exif: bool = False,
+                num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decodes an image and (if ``mask_data``) its mask, running every check of this module.
+
+    Returns (uint8 (H, W, 3), uint8 (H, W) or None). Errors name ``image_name`` / ``mask_name``.
+    The one decode path of the pre-training scan and of the training / evaluation pipelines.
+    """
+    image = decode_image(image_data, image_name, exif=exif)
+    if not mask_data:
+        return image, None
+    mask = decode_mask(mask_data, mask_name, num_classes=num_classes)
+    check_same_size(image, mask, mask_name)
+    return image, mask
+
+
 def encode_png(array: np.ndarray, palette: np.ndarray | None = None) -> bytes:
     """uint8 (H, W) or (H, W, 3) -> PNG bytes; a (256, 3) palette makes a palette PNG."""
     array = np.ascontiguousarray(array, np.uint8)

@@ -4,14 +4,12 @@ The host pipeline delivers uint8 crops (weak views) with a per-element ``seed``;
 turns a host batch into the float32 arrays the train step consumes, making the two strong views
 of every unlabelled image on the device.
 
-Why on the device (``tools/bench_input.py``, 2-core AMD EPYC, crop 321, batch 8 + 8 + 8 mix):
-the two PIL strong views cost 8.2 ms per image on one core, more than the decode and weak view
-of that image; with them on the host a batch costs 249 ms of host CPU, without 118 ms (2.1x),
-and the 2 cores deliver 6.5 instead of 13.4 batches/s. On an accelerator they are a few
-elementwise passes over the batch, and the host sends uint8 instead of float32 (4x fewer
-bytes). On a CPU-only machine XLA runs them slower than PIL (456 ms per batch on the same 2
-cores), so ``config.data.strong_aug="host"`` is the faster choice there; both give the same
-distribution.
+Why on the device (``tools/bench_input.py``; figures with the machine in the README's
+Benchmarks section): the two PIL strong views cost more host CPU per image than the decode and
+weak view together, so moving them off the host halves the host's work per batch, and the host
+sends uint8 instead of float32 (4x fewer bytes). On a CPU-only machine XLA runs them slower than
+PIL (about 450 ms per batch on 2 cores), so ``config.data.strong_aug="host"`` is the faster
+choice there; both give the same distribution. Their cost on an accelerator is not measured yet.
 
 The colour ops reproduce PIL's integer arithmetic (what torchvision runs on PIL images):
 ``Image.blend`` truncation and clipping, ``convert('L')`` fixed-point luma, ``ImageStat`` mean

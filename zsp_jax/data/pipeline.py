@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -48,12 +47,8 @@ log = logging.getLogger(__name__)
 
 
 def _decode_pair(rec: dict[str, Any], exif: bool, num_classes: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-    image = decode.decode_image(rec["image"], rec["name"], exif=exif)
-    mask = None
-    if rec["mask"]:
-        mask = decode.decode_mask(rec["mask"], rec["name"] + " (mask)", num_classes=num_classes)
-        decode.check_same_size(image, mask, rec["name"] + " (mask)")
-    return image, mask
+    return decode.decode_pair(rec["image"], rec["mask"], rec["name"], rec["name"] + " (mask)", exif=exif,
+                              num_classes=num_classes)
 
 
 def _plain_arrays(batch: Any) -> Any:
@@ -168,7 +163,6 @@ class TrainPipeline:
                                           exif_labeled=exif_labeled, exif_unlabeled=exif_unlabeled,
                                           on_bad_input=on_bad_input), seed=int(seeds[3]))
         ds = ds[self.shard_index::self.shard_count]
-        self.map_dataset = ds  # element k of this process, unbatched (handy for tests and previews)
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                   prefetch_buffer_size=max(2 * self.batch_size, 4)))
         it = it.batch(self.batch_size, drop_remainder=True)
@@ -225,8 +219,3 @@ def eval_dataset(source: Any, *, shard: grain.sharding.ShardOptions | None = Non
     shard = shard or grain.sharding.ShardByJaxProcess(drop_remainder=False)
     ds = grain.MapDataset.source(source)[shard.shard_index::shard.shard_count]
     return ds.map(DecodeTransform(exif=exif, num_classes=num_classes))
-
-
-def element_names(source: Any, indices: Sequence[int]) -> list[str]:
-    """Names of ``source`` records at ``indices`` (reads the records)."""
-    return [source[int(i)]["name"] for i in indices]

@@ -34,21 +34,15 @@ class ScanResult:
     sizes: dict[str, tuple[int, int]]
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def check_example(ex: Example, num_classes: int | None, exif: bool) -> tuple[int, int]:
     """Decodes ``ex`` fully and runs every check; returns the image (H, W). Raises ``BadInputError``."""
     if not os.path.isfile(ex.image):
         raise BadInputError(ex.image, "listed but missing")
-    image = decode.decode_image(_read(ex.image), ex.image, exif=exif)
-    if ex.mask is not None:
-        if not os.path.isfile(ex.mask):
-            raise BadInputError(ex.mask, f"mask of {ex.name} listed/expected but missing")
-        mask = decode.decode_mask(_read(ex.mask), ex.mask, num_classes=num_classes)
-        decode.check_same_size(image, mask, ex.mask)
+    if ex.mask is not None and not os.path.isfile(ex.mask):
+        raise BadInputError(ex.mask, f"mask of {ex.name} listed/expected but missing")
+    image_data, mask_data = ex.read_bytes()
+    image, _ = decode.decode_pair(image_data, mask_data, ex.image, ex.mask or "", exif=exif,
+                                  num_classes=num_classes)
     return int(image.shape[0]), int(image.shape[1])
 
 

@@ -27,9 +27,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from zsp_jax.data import bad_input, readers, scan
+from zsp_jax.data.classes import NUM_CLASSES
 
 VERSION = "1.0.0"
-NUM_CLASSES = {"voc": 21, "coco": 81}
 SUBSETS = {"voc": ("train_aug", "val"), "coco": ("train", "val")}
 
 
