@@ -118,33 +118,6 @@ def _image_to_token(attn: Any, keys: jax.Array | None, pos: jax.Array | None, q_
     return jnp.einsum("bnqm,bnmo->bnqo", probs, vo) + bo.astype(dt)
 
 
-def _upscale_masks(up: Any, keys: jax.Array, hyper: jax.Array, dt: Any) -> jax.Array:
-    """Output upscaling + hypernetwork product, kept in a space-to-depth layout until the end.
-
-    The two stride-2 transposed convolutions, the LayerNorm and the GELUs act on each pixel of the
-    g x g grid independently, so the 4 x 4 block a grid cell paints is kept as trailing axes and
-    only the final (B, N, 3, 4g, 4g) logits are interleaved (a transpose of 3 channels instead
-    of 64 and 32).
-
-    Args:
-      up: the model's ``output_upscaling`` module; keys (B, N, gh, gw, D); hyper (B, N, 3, D/8).
-
-    Returns:
-      (B, N, 3, 4gh, 4gw) logits.
-    """
-    from zsp_jax.models.sam.layers import gelu
-
-    k1, b1 = up.conv1.kernel.get_value().astype(dt), up.conv1.bias.get_value().astype(dt)
-    k2, b2 = up.conv2.kernel.get_value().astype(dt), up.conv2.bias.get_value().astype(dt)
-    x = jnp.einsum("znhwc,abco->znhwabo", keys.astype(dt), k1) + b1  # (B, N, g, g, 2, 2, D/4)
-    x = gelu(up.ln(x))
-    x = jnp.einsum("znhwabc,deco->znhwabdeo", x, k2) + b2  # (B, N, g, g, 2, 2, 2, 2, D/8)
-    x = gelu(x)
-    masks = jnp.einsum("znhwabdeo,znko->znkhadwbe", x, hyper.astype(dt))
-    bsz, n, k, gh = masks.shape[:4]
-    return masks.reshape(bsz, n, k, 4 * gh, 4 * masks.shape[6])
-
-
 def point_decoder(model: Any, *, group: int = 4, upscale_rows: int = 8) -> DecodeFn:
     """A ``DecodeFn`` for ``zsp_jax.amg.device``: single foreground points, three masks each.
 
@@ -181,7 +154,7 @@ def point_decoder(model: Any, *, group: int = 4, upscale_rows: int = 8) -> Decod
         b, n, g, gw, d = keys.shape
         rows = upscale_rows if g % upscale_rows == 0 else g
         slabs = jnp.moveaxis(keys.reshape(b, n, g // rows, rows, gw, d), 2, 0)
-        out = jax.lax.map(lambda k: _upscale_masks(md.output_upscaling, k, hyper, dt), slabs)  # (g/r, B, N, 3, 4r, 4gw)
+        out = jax.lax.map(lambda k: md.output_upscaling.mask_logits(k, hyper), slabs)  # (g/r, B, N, 3, 4r, 4gw)
         out = jnp.moveaxis(out, 0, 3)
         return out.reshape(b, n, out.shape[2], 4 * g, 4 * gw)
 

@@ -317,14 +317,14 @@ def records_from_outputs(out: D.AmgOutputs, row: int, image_hw: tuple[int, int],
     if o.min_mask_region_area > 0 and n > 0:
         order, masks, boxes = postprocess_small_regions(masks, boxes, o.min_mask_region_area,
                                                         o.postprocess_nms_thresh)
+    areas = masks.sum(axis=(1, 2), dtype=np.int64)
     if o.output_mode == "binary_mask":
         # A copy: views would keep the whole padded (B, K, Hb, Wb) batch alive as long as any record.
         segs: list[Any] = list(np.ascontiguousarray(masks))
-        areas = masks.sum(axis=(1, 2))
+    elif o.output_mode == "uncompressed_rle":
+        segs = masks_to_rle(masks)
     else:
-        rles = masks_to_rle(masks)
-        areas = np.asarray([sum(r["counts"][1::2]) for r in rles], np.int64)
-        segs = rles if o.output_mode == "uncompressed_rle" else masks_to_coco_rle(masks)
+        segs = masks_to_coco_rle(masks)
     grids = o.layer_grids()
     records = []
     for j, src in enumerate(order):

@@ -8,8 +8,8 @@ map directly, which never builds the S x S intermediate:
 
 * along each axis the 4-tap map is written as a **banded matrix**, cut into blocks of ``block``
   output pixels that each read a window of ``window`` consecutive low-resolution samples; a
-  block is one small dense matrix, so the resize is a batched matrix product (fast on CPU, GPU
-  and TPU alike) instead of a gather (slow in XLA on CPU);
+  block is one small dense matrix, so the resize is a batched matrix product instead of a
+  gather (slow in XLA on CPU; only CPU is measured so far);
 * all sizes (h', w', H, W and the crop's offset in the image) are traced values, so one
   compiled program serves every image of a size bucket; the window is static, derived from a
   lower bound on the crop's long side (``Bucket``), and every call checks that the taps fit

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -66,24 +65,12 @@ def nchw_to_nhwc(t: Any) -> np.ndarray:
     return t.detach().permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def nhwc_to_nchw(x: Any) -> Any:
-    """numpy / jax (B, H, W, C) -> torch (B, C, H, W)."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
 def random_fp_masks(config: DeepLabConfig, batch: int, seed: int = 0, dtype: Any = np.float32
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Channel keep-masks (B, C_low), (B, C_high) of 0/1 with keep probability 0.5."""
     rng = np.random.default_rng(seed)
     return ((rng.random((batch, config.low_level_in)) < 0.5).astype(dtype),
             (rng.random((batch, config.high_level_in)) < 0.5).astype(dtype))
-
-
-def torch_state_numpy(torch_model: Any) -> dict[str, np.ndarray]:
-    """A torch state_dict as numpy, keeping the tensors' precision (fp64 stays fp64)."""
-    return {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
 
 
 def batch_stats_by_torch_key(model: DeepLabV3Plus, config: DeepLabConfig, torch_keys: Any) -> dict[str, np.ndarray]:
@@ -104,7 +91,3 @@ def batch_stats_by_torch_key(model: DeepLabV3Plus, config: DeepLabConfig, torch_
         match, rule = next((m, r) for rx, r in rules if (m := rx.fullmatch(key)))
         out[key] = ours[rule.targets(match)[0]]
     return out
-
-
-def block(x: Any) -> Any:
-    return jax.block_until_ready(x)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 
 def randomize_(module: Any, seed: int = 0) -> Any:
     """Fills every floating parameter and buffer of a torch module with random values, in place.
@@ -41,9 +39,3 @@ def randomize_(module: Any, seed: int = 0) -> Any:
                 new = new.abs() + 0.05
             t.copy_(new.to(t.dtype))
     return module
-
-
-def state_dict_numpy(module: Any) -> dict[str, np.ndarray]:
-    """``module.state_dict()`` as numpy arrays (fp32 for floats)."""
-    return {k: v.detach().float().numpy() if v.is_floating_point() else v.detach().numpy()
-            for k, v in module.state_dict().items()}

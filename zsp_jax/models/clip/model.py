@@ -390,8 +390,8 @@ def dense_features_fn(model: ClipModel, gem: GemConfig = GemConfig(), *, normali
     Splits the model once (``nnx.split``) and jits a pure function of (weights, images), which
     avoids NNX's per-call graph traversal. Works unchanged with ``images`` sharded over a mesh's
     batch axis (e.g. ``NamedSharding(mesh, P("data"))``); weights are replicated. ``donate=True``
-    donates the images' buffer to XLA (the caller must not use the array afterwards), which saves
-    one copy of the batch in a pipeline that feeds fresh images every call.
+    donates the images' buffer to XLA (the caller must not use the array afterwards), letting it
+    reuse that memory on backends that support donation (not CPU).
     """
     graphdef, state = nnx.split(model)
 

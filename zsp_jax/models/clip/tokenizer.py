@@ -222,6 +222,9 @@ class ClipTokenizer:
         return out
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Ids -> text (special tokens and padding dropped), for inspection."""
-        keep = [int(i) for i in ids if int(i) not in (0, self.sot_id, self.eot_id)]
-        return self._hf.decode(keep)
+        """Ids -> text, for inspection: the text between start- and end-of-text (id 0 is the real
+        token "!", so padding is recognised by position, after the end-of-text token)."""
+        ids = [int(i) for i in ids]
+        if self.eot_id in ids:
+            ids = ids[:ids.index(self.eot_id)]
+        return self._hf.decode([i for i in ids if i != self.sot_id])

@@ -110,6 +110,9 @@ class Conv2d(nnx.Module):
       21x21 map) is a sum of per-tap matmuls over the in-range region only, which skips the
       zero work (1.7x at rate 6, 13x at rate 18; PyTorch's oneDNN skips it too);
     * everything else is ``lax.conv_general_dilated``.
+
+    The choice is made on every backend, but measured on CPU only (no accelerator so far); on
+    GPU/TPU the dense convolutions may win, which ``tools/bench_deeplab.py`` will show.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dilation: int = 1, groups: int = 1,

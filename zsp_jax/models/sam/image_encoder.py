@@ -13,9 +13,9 @@ LayerNorm2d), with two exact rewrites that save work:
   reference (they are not masked there either), and the output projection runs on the
   64x64 tokens that survive the crop.
 
-Attention is written with einsums and a float32 softmax: on CPU this is faster than
-``jax.nn.dot_product_attention`` with an explicit bias (see tools/bench_sam.py), and the
-relative-position terms are added as two broadcast (q, kh) and (q, kw) tables rather than a
+Attention is written with einsums and a float32 softmax (chosen over
+``jax.nn.dot_product_attention`` with an explicit bias in profiling on CPU during development;
+``tools/bench_sam.py`` measures the whole encoder, not that choice), and the relative-position terms are added as two broadcast (q, kh) and (q, kw) tables rather than a
 materialised (q, k) bias.
 """
 
