@@ -47,14 +47,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from zsp_jax.models.clip import convert as C
     from zsp_jax.models.clip.tokenizer import ClipTokenizer, _is_hf_tokenizer_dir
+    from zsp_jax.utils.io import output_path_problem
 
+    if problem := output_path_problem(args.source, args.out):
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     t0 = time.perf_counter()
     try:
         converted = C.convert_checkpoint(args.source, fmt=args.format, act=args.act, model_name=args.model_name)
     except (FileNotFoundError, C.W.ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    C.save_clip(args.out, converted)
+    try:
+        C.save_clip(args.out, converted)
+    except OSError as e:
+        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
+        return 1
     n = sum(int(np.prod(v.shape)) for v in converted.weights.values())
     cfg = converted.config
     print(f"{args.source} ({converted.source_format}) -> {args.out}: {cfg.variant_name()}, {n / 1e6:.1f}M params, "

@@ -17,7 +17,6 @@ unusable path (missing source, output that is a directory or the source itself, 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -35,13 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from zsp_jax.models.sam import convert as C
     from zsp_jax.utils.bench import peak_rss_bytes
+    from zsp_jax.utils.io import output_path_problem
 
-    if os.path.exists(args.out) and os.path.exists(args.source) and os.path.samefile(args.source, args.out):
-        print(f"error: the output {args.out} is the source checkpoint; it would be overwritten", file=sys.stderr)
-        return 1
-    if os.path.isdir(args.out):
-        print(f"error: the output {args.out} is a directory; give a file path ending in .safetensors",
-              file=sys.stderr)
+    if problem := output_path_problem(args.source, args.out):
+        print(f"error: {problem}", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
     try:

@@ -17,13 +17,16 @@ from zsp_jax.utils.bench import relative_error
 TOL = 1e-4  # fp32 (the project's parity bar); only the order of the cross-device reductions differs
 
 
-def _step(graphdef, state, x, y, with_grads):
+def _step(graphdef, state, x, y, with_grads, need_fp=True):
     """A pure train step: UniMatch-style forward with the feature perturbation (the model's own
-    dropout stream), a loss, optionally its gradients, and the updated state (BN statistics,
-    RNG counter)."""
+    dropout stream; off with ``need_fp=False``), a loss, optionally its gradients, and the updated
+    state (BN statistics, RNG counter)."""
     model = nnx.merge(graphdef, state)
 
     def loss_fn(model):
+        if not need_fp:
+            logits = model(x, train=True)
+            return jnp.mean(jnp.square(logits - y)), (logits, None)
         logits, logits_fp = model(x, train=True, need_fp=True)
         loss = jnp.mean(jnp.square(logits - y)) + 0.5 * jnp.mean(jnp.square(logits_fp - y))
         return loss, (logits, logits_fp)
@@ -35,12 +38,12 @@ def _step(graphdef, state, x, y, with_grads):
     return loss, outs, grads, nnx.state(model)
 
 
-def _run(n_devices, graphdef, state, x, y, with_grads=False):
+def _run(n_devices, graphdef, state, x, y, with_grads=False, need_fp=True):
     assert jax.device_count() >= n_devices
     mesh = Mesh(np.array(jax.devices()[:n_devices]), ("data",))  # Auto axes (not jax.make_mesh)
     batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     args = (jax.device_put(state, replicated), jax.device_put(x, batch), jax.device_put(y, batch))
-    compiled = jax.jit(_step, static_argnums=(0, 4)).lower(graphdef, *args, with_grads).compile()
+    compiled = jax.jit(_step, static_argnums=(0, 4, 5)).lower(graphdef, *args, with_grads, need_fp).compile()
     return compiled(*args), compiled.as_text()
 
 
@@ -108,8 +111,9 @@ def test_8_devices_equal_1_device_fp64_with_gradients():
 
 def test_per_device_statistics_would_differ(setup):
     """Control: BatchNorm over each device's sample alone (what plain BN under pmap gives) is far
-    from the global result, so the test above would notice non-synchronised statistics."""
+    from the global result, so the test above would notice non-synchronised statistics. Without
+    the feature perturbation, so that only the statistics differ (not the dropout masks drawn)."""
     graphdef, state, x, y = setup
-    (_, outs_global, _, _), _ = _run(1, graphdef, state, x, y)
-    local = [_run(1, graphdef, state, x[i:i + 2], y[i:i + 2])[0][1][0] for i in range(0, 8, 2)]
+    (_, outs_global, _, _), _ = _run(1, graphdef, state, x, y, need_fp=False)
+    local = [_run(1, graphdef, state, x[i:i + 2], y[i:i + 2], need_fp=False)[0][1][0] for i in range(0, 8, 2)]
     assert relative_error(np.concatenate(local), outs_global[0]) > 1e-2

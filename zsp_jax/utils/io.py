@@ -44,3 +44,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, **kwargs: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=kwargs.pop("indent", 2), **kwargs) + "\n")
+
+
+def output_path_problem(source: str | os.PathLike, out: str | os.PathLike) -> str | None:
+    """Why a converter must not write ``out`` for ``source`` (it is the source, or a directory), or None."""
+    if os.path.exists(out) and os.path.exists(source) and os.path.samefile(source, out):
+        return f"the output {out} is the source checkpoint; it would be overwritten"
+    if os.path.isdir(out):
+        return f"the output {out} is a directory; give a file path ending in .safetensors"
+    return None
