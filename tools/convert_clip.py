@@ -1,7 +1,8 @@
 """Converts a CLIP checkpoint to zsp_jax's ``.safetensors`` format (once; loading then needs no torch).
 
     python tools/convert_clip.py SOURCE OUT.safetensors [--format hf|openai|open_clip]
-                                 [--act gelu|quick_gelu] [--model-name NAME] [--no-tokenizer] [--check]
+                                 [--act gelu|quick_gelu] [--model-name NAME] [--vision-head-width N]
+                                 [--no-tokenizer] [--check]
 
 SOURCE is one of
   * a transformers CLIPModel directory (config.json + model.safetensors / pytorch_model.bin),
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=("hf", "openai", "open_clip"), default=None, help="source format (detected)")
     p.add_argument("--act", choices=("gelu", "quick_gelu"), default=None, help="override the MLP activation")
     p.add_argument("--model-name", default=None,
-                   help="open_clip model name, e.g. ViT-B-16-quickgelu (decides the activation)")
+                   help="open_clip model name, e.g. ViT-B-16-quickgelu or ViT-H-14 (decides the activation and, "
+                        "for ViT-H/g/bigG/e, the vision head width), or an open_clip model-config .json")
+    p.add_argument("--vision-head-width", type=int, default=None,
+                   help="width of one vision attention head (default: 64, or the model name's family)")
     p.add_argument("--no-tokenizer", action="store_true", help="do not write the vocabulary beside OUT")
     p.add_argument("--check", action="store_true", help="load the result and run one image and one text")
     args = p.parse_args(argv)
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     t0 = time.perf_counter()
     try:
-        converted = C.convert_checkpoint(args.source, fmt=args.format, act=args.act, model_name=args.model_name)
+        converted = C.convert_checkpoint(args.source, fmt=args.format, act=args.act, model_name=args.model_name,
+                                         vision_head_width=args.vision_head_width)
     except (FileNotFoundError, C.W.ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

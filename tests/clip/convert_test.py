@@ -280,3 +280,79 @@ def test_zip_that_is_not_torchscript(tmp_path):
     assert not C.is_torchscript_archive(str(path))
     with pytest.raises(ConversionError):
         C.convert_checkpoint(path)
+
+
+def _open_clip_configs():
+    import glob
+    import json
+
+    import open_clip
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(open_clip.__file__), "model_configs", "*.json"))):
+        with open(path) as f:
+            cfg = json.load(f)
+        vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+        # CLIP ViTs (no timm tower) with CLIP's own text transformer: what the converter accepts.
+        if isinstance(vision.get("width"), int) and isinstance(vision.get("layers"), int) \
+                and not vision.get("timm_model_name") and isinstance(text.get("width"), int):
+            out.append((os.path.basename(path)[:-5], vision["width"], vision.get("head_width", 64)))
+    return out
+
+
+def test_vision_head_width_table_matches_open_clip_configs():
+    """Every ViT config open_clip ships gets its own head width from the name rule (ViT-H 80, g 88, ...)."""
+    configs = _open_clip_configs()
+    assert len(configs) > 30 and sum(h != 64 for _, _, h in configs) >= 10
+    for name, width, head in configs:
+        assert C.vision_head_width(name, width) == head, name
+        assert C.vision_head_width(name + "/laion2b_s32b_b79k", width) == head, name
+
+
+def _wide_head_open_clip(seed=21):
+    """A tiny open_clip CLIP whose vision heads are 80 wide (4 heads at width 320; width / 64 would say 5)."""
+    return clip_testing.open_clip_model(dict(layers=2, width=320, head_width=80, patch_size=8, image_size=32),
+                                        dict(context_length=77, width=64, heads=1, layers=2), 16,
+                                        quick_gelu=False, seed=seed)
+
+
+@pytest.mark.parametrize("how", ["name", "config_json", "explicit"])
+def test_wide_head_models_convert_right(tmp_path, how):
+    import json
+
+    torch_model = _wide_head_open_clip()
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(torch_model.state_dict(), path)
+    kwargs = {"name": dict(model_name="ViT-H-14"), "explicit": dict(vision_head_width=80)}.get(how)
+    if how == "config_json":
+        cfg = tmp_path / "ViT-custom.json"
+        cfg.write_text(json.dumps({"vision_cfg": {"width": 320, "head_width": 80}}))
+        kwargs = dict(model_name=str(cfg))
+    converted = C.convert_checkpoint(path, **kwargs)
+    assert converted.config.vision_heads == 4
+    images = clip_testing.random_images(2, 32, 32, seed=4)
+    with torch.no_grad():
+        ref = torch_model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    assert relative_error(_image_embeds(converted.build(), images), ref) <= 1e-5
+    # The 64-wide default on the same file converts without error but computes something else: the reason
+    # the wide-head families are refused by width when no name is given.
+    wrong = C.convert_checkpoint(path, vision_head_width=64)
+    assert relative_error(_image_embeds(wrong.build(), images), ref) > 1e-2
+
+
+def test_wide_head_width_without_a_name_is_refused():
+    import jax
+
+    fake = {"visual.conv1.weight": jax.ShapeDtypeStruct((1280, 3, 14, 14), np.float32),
+            "visual.positional_embedding": jax.ShapeDtypeStruct((257, 1280), np.float32),
+            "visual.proj": jax.ShapeDtypeStruct((1280, 1024), np.float32),
+            "positional_embedding": jax.ShapeDtypeStruct((77, 1024), np.float32),
+            "token_embedding.weight": jax.ShapeDtypeStruct((49408, 1024), np.float32),
+            "ln_final.weight": jax.ShapeDtypeStruct((1024,), np.float32),
+            "text_projection": jax.ShapeDtypeStruct((1024, 1024), np.float32)}
+    with pytest.raises(ConversionError, match=r"ViT-H.*--model-name"):
+        C.config_from_openai_state_dict(fake, act="gelu", source_name="vit_h.bin")
+    cfg = C.config_from_openai_state_dict(fake, act="gelu", source_name="vit_h.bin", model_name="ViT-H-14")
+    assert cfg.vision_heads == 16
+    with pytest.raises(ConversionError, match="not a multiple"):
+        C.config_from_openai_state_dict(fake, act="gelu", source_name="x", model_name="ViT-g-14")

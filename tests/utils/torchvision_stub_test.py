@@ -61,3 +61,34 @@ def test_install_is_idempotent_and_serves_segment_anything():
 
     out = ResizeLongestSide(64).apply_image(np.zeros((30, 50, 3), np.uint8))
     assert out.shape == (38, 64, 3)  # int(30 * 64/50 + 0.5) = 38
+
+
+# Two boxes (found by a random search) whose IoU is 0.69999993 in float32 arithmetic and
+# 0.70000001 in exact arithmetic: around the default NMS threshold the two disagree.
+_STRADDLE = [[64.0, 74.0, 5378.0, 4400.0], [497.0, -561.0, 5307.0, 3864.0]]
+
+
+def test_nms_computes_in_float32_like_torchvision():
+    """torchvision's kernel computes IoU in the boxes' dtype and compares it as a double: for this
+    pair float32 keeps both boxes, while a float64 computation (the old stand-in) suppresses one."""
+    from zsp_jax.amg.nms import nms_numpy
+
+    scores = torch.tensor([0.9, 0.8])
+    keep = torchvision_stub._nms(torch.tensor(_STRADDLE, dtype=torch.float32), scores, 0.7).tolist()
+    assert keep == [0, 1]
+    assert torchvision_stub._nms(torch.tensor(_STRADDLE, dtype=torch.float64), scores, 0.7).tolist() == [0]
+    assert nms_numpy(np.asarray(_STRADDLE), np.array([0.9, 0.8]), 0.7).tolist() == keep  # our NMS agrees
+
+
+def test_batched_nms_per_category_path_equals_offset_trick():
+    """Above 4,000 coordinates torchvision switches to per-category NMS; both paths keep the same boxes."""
+    rng = np.random.default_rng(2)
+    n = 1200
+    xy = rng.uniform(0, 500, (n, 2))
+    boxes = torch.tensor(np.concatenate([xy, xy + rng.uniform(5, 80, (n, 2))], 1), dtype=torch.float32)
+    scores = torch.tensor(rng.uniform(size=n), dtype=torch.float32)
+    idxs = torch.tensor(rng.integers(0, 3, n))
+    vanilla = torchvision_stub._batched_nms(boxes, scores, idxs, 0.5)
+    trick = torchvision_stub._nms(boxes + (idxs.to(boxes) * (boxes.max() + 1))[:, None], scores, 0.5)
+    assert len(vanilla) > 100
+    assert vanilla.tolist() == trick.tolist()

@@ -6,8 +6,9 @@ gem_torch import it at module load. This module provides exactly what they use,
 with torchvision's semantics:
 
 * ``ops.boxes.batched_nms`` / ``ops.nms`` / ``ops.boxes.box_area``: greedy NMS over
-  boxes sorted by descending score (stable), suppressing IoU > threshold, with
-  categories separated by the coordinate-offset trick; areas without a +1.
+  boxes sorted by descending score (stable), suppressing IoU > threshold, in the boxes'
+  dtype with a double comparison (torchvision's CPU kernel), categories separated by the
+  coordinate-offset trick (per-category NMS above 4,000 coordinates); areas without a +1.
 * ``transforms.functional.resize`` / ``to_pil_image``: the PIL path (PIL's own
   bilinear/bicubic filter, which is what torchvision calls for PIL images).
 * ``transforms.{Compose, Resize, CenterCrop, ToTensor, Normalize, InterpolationMode}``
@@ -30,15 +31,21 @@ import numpy as np
 
 
 def _nms(boxes, scores, iou_threshold: float):
+    """torchvision's CPU ``nms`` kernel (``ops/cpu/nms_kernel.cpp``), step for step.
+
+    Areas, intersections and IoUs are computed in the boxes' own dtype (float32 for the
+    ``boxes.float()`` segment-anything passes), and each IoU is compared with the threshold as
+    a C++ double (``ovr > iou_threshold`` promotes the float), so an IoU that rounds to just
+    above a float32-unrepresentable threshold is suppressed exactly as torchvision does.
+    """
     import torch
 
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    b = boxes.double()
-    x1, y1, x2, y2 = b.unbind(1)
+    x1, y1, x2, y2 = boxes.unbind(1)
     areas = (x2 - x1) * (y2 - y1)
     order = torch.sort(scores, descending=True, stable=True).indices
-    suppressed = torch.zeros(len(b), dtype=torch.bool)
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
     keep = []
     for idx in order.tolist():
         if suppressed[idx]:
@@ -49,17 +56,26 @@ def _nms(boxes, scores, iou_threshold: float):
         xx2 = torch.minimum(x2[idx], x2)
         yy2 = torch.minimum(y2[idx], y2)
         inter = (xx2 - xx1).clamp(min=0) * (yy2 - yy1).clamp(min=0)
-        iou = inter / (areas[idx] + areas - inter)
-        suppressed |= iou > iou_threshold
+        iou = inter / (areas[idx] + areas - inter)  # in the boxes' dtype, as the kernel's scalar_t
+        suppressed |= iou.double() > float(iou_threshold)
     return torch.tensor(keep, dtype=torch.int64, device=boxes.device)
 
 
 def _batched_nms(boxes, scores, idxs, iou_threshold: float):
+    """torchvision's ``batched_nms`` on CPU: the coordinate-offset trick (offsets in the boxes' dtype)
+    up to 4,000 box coordinates, per-category NMS above that, as ``ops/boxes.py`` chooses."""
     import torch
 
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    offsets = idxs.to(boxes) * (boxes.max() + 1)
+    if boxes.numel() > 4000:
+        keep_mask = torch.zeros_like(scores, dtype=torch.bool)
+        for cat in torch.unique(idxs):
+            where = torch.where(idxs == cat)[0]
+            keep_mask[where[_nms(boxes[where], scores[where], iou_threshold)]] = True
+        keep = torch.where(keep_mask)[0]
+        return keep[scores[keep].sort(descending=True, stable=True)[1]]
+    offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
     return _nms(boxes + offsets[:, None], scores, iou_threshold)
 
 

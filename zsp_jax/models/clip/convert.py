@@ -11,8 +11,14 @@ every target produced once, every shape checked):
   training checkpoint ``{"state_dict": {"module.…"}}`` or a ``.safetensors`` file). Its key
   names are OpenAI's; a ``CustomTextCLIP`` (``text.…`` keys) is accepted as well.
 
-OpenAI and open_clip checkpoints do not record the activation or the head count. Heads follow
-CLIP's convention (width / 64, the rule of OpenAI's and open_clip's builders). The activation
+OpenAI and open_clip checkpoints do not record the activation or the head count, and the
+tensor shapes do not tell the head count. Heads follow CLIP's convention (width / 64, the rule
+of OpenAI's builder and open_clip's default ``head_width``) except for the open_clip families
+whose vision heads are wider (``VISION_HEAD_WIDTHS``: ViT-H 80, ViT-g 88, ViT-bigG 104, ViT-e
+112), recognised from ``model_name``; a checkpoint whose vision width is one of those families'
+and that comes without a model name is refused, since 64-wide heads would convert it silently
+wrong. ``vision_head_width=`` (or an open_clip model-config JSON as ``model_name``) sets it for
+any other model. The activation
 defaults to ``quick_gelu`` for OpenAI files; for open_clip it is taken from the model name when
 one is given (``ViT-B-16-quickgelu`` or pretrained tag ``openai`` -> quick_gelu; ``ViT-B-16`` ->
 gelu), and otherwise defaults to open_clip's ``gelu``; ``act=`` overrides both.
@@ -123,8 +129,13 @@ def _count_blocks(keys: Any, prefix: str) -> int:
     return len({i for i in idx if i.isdigit()})
 
 
-def config_from_openai_state_dict(sd: Mapping[str, Any], *, act: str, source_name: str) -> ClipConfig:
-    """Reads the architecture of an OpenAI-layout CLIP ViT from its tensor shapes."""
+def config_from_openai_state_dict(sd: Mapping[str, Any], *, act: str, source_name: str,
+                                  model_name: str | None = None, head_width: int | None = None) -> ClipConfig:
+    """Reads the architecture of an OpenAI-layout CLIP ViT from its tensor shapes.
+
+    The vision head count comes from ``head_width`` if given, else from ``vision_head_width``
+    (model name rules); text heads are 64 wide in every OpenAI / open_clip ViT.
+    """
     need = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "positional_embedding",
             "token_embedding.weight", "ln_final.weight", "text_projection"]
     if "text_projection" not in sd and "text_projection.weight" in sd:
@@ -152,9 +163,14 @@ def config_from_openai_state_dict(sd: Mapping[str, Any], *, act: str, source_nam
         if "visual.transformer.resblocks.0.mlp.c_fc.weight" in sd else 4 * width
     t_mlp = shape("transformer.resblocks.0.mlp.c_fc.weight")[0] \
         if "transformer.resblocks.0.mlp.c_fc.weight" in sd else 4 * text_width
+    if head_width is None:
+        head_width = vision_head_width(model_name, width, source_name=source_name)
+    elif head_width < 1 or width % head_width:
+        raise W.ConversionError(f"cannot convert {source_name}: vision width {width} is not a multiple of the "
+                                f"given head width {head_width}")
     return ClipConfig(
         embed_dim=embed_dim, image_size=grid * patch, patch_size=patch, vision_width=width,
-        vision_layers=_count_blocks(sd, "visual.transformer.resblocks."), vision_heads=max(width // 64, 1),
+        vision_layers=_count_blocks(sd, "visual.transformer.resblocks."), vision_heads=width // head_width,
         vision_mlp_dim=v_mlp, context_length=shape("positional_embedding")[0],
         vocab_size=shape("token_embedding.weight")[0], text_width=text_width,
         text_layers=_count_blocks(sd, "transformer.resblocks."), text_heads=max(text_width // 64, 1),
@@ -180,6 +196,51 @@ def config_from_hf(hf_config: Any) -> ClipConfig:
         vision_mlp_dim=v.intermediate_size, context_length=t.max_position_embeddings, vocab_size=t.vocab_size,
         text_width=t.hidden_size, text_layers=t.num_hidden_layers, text_heads=t.num_attention_heads,
         text_mlp_dim=t.intermediate_size, act=acts.pop(), layer_norm_eps=float(v.layer_norm_eps))
+
+
+# open_clip model families whose vision tower uses ``head_width`` != 64 (open_clip's
+# model_configs/*.json; tests/clip/convert_test.py checks this table against the installed files).
+# (name prefix, vision width, head width); text towers of these families use 64-wide heads.
+VISION_HEAD_WIDTHS = (("vit-h-", 1280, 80), ("vit-g-", 1408, 88), ("vit-bigg-", 1664, 104), ("vit-e-", 1792, 112))
+
+
+def _family_name(model_name: str) -> str:
+    """'ViT-H-14-quickgelu/laion2b_s32b_b79k' or 'hf-hub:.../ViT-H-14' -> 'vit-h-14-quickgelu'."""
+    return model_name.split("/")[0].split(":")[-1].lower()
+
+
+def vision_head_width(model_name: str | None, vision_width: int, *, source_name: str = "checkpoint") -> int:
+    """Width of one vision attention head for an open_clip / OpenAI checkpoint.
+
+    Args:
+      model_name: an open_clip model name (``ViT-H-14``, ``ViT-bigG-14-quickgelu``, with or without
+        a ``/pretrained`` tag), a path to an open_clip model-config JSON, or None.
+      vision_width: the vision tower's width read from the tensors.
+
+    Raises:
+      ConversionError: the width is that of a wide-head family and no name says which, or the
+        name's family does not fit the width.
+    """
+    if model_name and model_name.endswith(".json") and os.path.isfile(model_name):
+        with open(model_name) as f:
+            vision = json.load(f).get("vision_cfg", {})
+        head = int(vision.get("head_width", 64))
+    elif model_name:
+        name = _family_name(model_name)
+        head = next((h for prefix, _, h in VISION_HEAD_WIDTHS if prefix in name), 64)
+    else:
+        family = next((prefix for prefix, w, h in VISION_HEAD_WIDTHS if w == vision_width), None)
+        if family is not None:
+            raise W.ConversionError(
+                f"cannot convert {source_name}: vision width {vision_width} is that of open_clip's "
+                f"{family.rstrip('-').upper().replace('VIT', 'ViT')} models, whose attention heads are not 64 wide, and "
+                f"the tensor shapes do not say which; pass the open_clip model name (--model-name ViT-H-14, "
+                f"ViT-g-14, ViT-bigG-14, ...) or --vision-head-width")
+        head = 64
+    if vision_width % head:
+        raise W.ConversionError(f"cannot convert {source_name}: vision width {vision_width} is not a multiple of the "
+                                f"head width {head} of {model_name!r}; is the model name right?")
+    return head
 
 
 def act_from_open_clip_name(model_name: str | None) -> str:
@@ -360,8 +421,10 @@ def expected_shapes(config: ClipConfig) -> dict[str, Any]:
 
 
 def convert_state_dict(sd: Mapping[str, Any], fmt: str, *, act: str | None = None, model_name: str | None = None,
-                       hf_config: Any = None, source_name: str = "<state_dict>") -> ConvertedClip:
-    """Converts an in-memory state_dict of the given format ('hf' needs ``hf_config``)."""
+                       hf_config: Any = None, source_name: str = "<state_dict>",
+                       vision_head_width: int | None = None) -> ConvertedClip:
+    """Converts an in-memory state_dict of the given format ('hf' needs ``hf_config``; see
+    ``convert_checkpoint`` for ``model_name`` and ``vision_head_width``)."""
     if fmt == "hf":
         if hf_config is None:
             raise ValueError("format 'hf' needs the transformers CLIPConfig (hf_config=)")
@@ -372,7 +435,8 @@ def convert_state_dict(sd: Mapping[str, Any], fmt: str, *, act: str | None = Non
     elif fmt in ("openai", "open_clip"):
         sd = normalize_open_clip_keys(sd) if fmt == "open_clip" else dict(sd)
         default_act = "quick_gelu" if fmt == "openai" else act_from_open_clip_name(model_name)
-        config = config_from_openai_state_dict(sd, act=act or default_act, source_name=source_name)
+        config = config_from_openai_state_dict(sd, act=act or default_act, source_name=source_name,
+                                               model_name=model_name, head_width=vision_head_width)
         rules, drop = OPENAI_RULES, OPENAI_DROP
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
@@ -381,7 +445,7 @@ def convert_state_dict(sd: Mapping[str, Any], fmt: str, *, act: str | None = Non
 
 
 def convert_checkpoint(source: str | os.PathLike, *, fmt: str | None = None, act: str | None = None,
-                       model_name: str | None = None) -> ConvertedClip:
+                       model_name: str | None = None, vision_head_width: int | None = None) -> ConvertedClip:
     """Converts a CLIP checkpoint file or directory.
 
     Args:
@@ -392,7 +456,10 @@ def convert_checkpoint(source: str | os.PathLike, *, fmt: str | None = None, act
         OpenAI ``state_dict`` without those entries has open_clip's layout: pass
         ``fmt='openai'`` (or ``act='quick_gelu'``) for the right activation.
       act: 'gelu' or 'quick_gelu' to override the format's rule (see the module docstring).
-      model_name: open_clip model name, e.g. 'ViT-B-16-quickgelu' (used for the activation).
+      model_name: open_clip model name, e.g. 'ViT-B-16-quickgelu' or 'ViT-H-14/laion2b_s32b_b79k' (decides
+        the activation and, for ViT-H / g / bigG / e, the vision head width), or the path of an open_clip
+        model-config JSON (its ``vision_cfg.head_width``).
+      vision_head_width: width of one vision attention head, overriding the model-name rule.
 
     Raises:
       FileNotFoundError, ConversionError: a missing, unreadable, truncated or foreign file; the
@@ -404,7 +471,8 @@ def convert_checkpoint(source: str | os.PathLike, *, fmt: str | None = None, act
         return convert_state_dict(sd, "hf", act=act, hf_config=config, source_name=source)
     sd = read_torch_file(source)
     fmt = fmt or detect_format(source, sd)
-    return convert_state_dict(sd, fmt, act=act, model_name=model_name, source_name=source)
+    return convert_state_dict(sd, fmt, act=act, model_name=model_name, source_name=source,
+                              vision_head_width=vision_head_width)
 
 
 # ----------------------------------------------------------------------------- converted files
