@@ -64,3 +64,20 @@ def test_jitted_device_pipeline_sharded(sam_pair, tiny_config):
         iou = mask_iou_matrix(out.masks[b], host.masks[b])
         # Inputs differ by up to a grey level (float resampling vs PIL): nearly the same masks.
         assert np.mean(iou.max(axis=1) >= 0.98) >= 0.9
+
+
+def test_uint8_inputs_normalised_on_device_equal_host_normalisation(sam_pair, tiny_config):
+    """prepare_inputs(as_uint8=True) + device.encoder_input gives the float inputs bit for bit."""
+    from zsp_jax.amg.device import encoder_input
+
+    options = AmgOptions(points_per_side=4, crop_n_layers=1)
+    images = sample_images(SIZES[:2])
+    plan = Plan.create(options, tiny_config.image_size, Bucket.for_size(SIZES[0], options.bucket))
+    as_float = prepare_inputs(images, plan)
+    as_u8 = prepare_inputs(images, plan, as_uint8=True)
+    for f, u, hw in zip(as_float.images, as_u8.images, as_u8.input_hw):
+        assert u.dtype == np.uint8
+        b, c = u.shape[:2]
+        dev = jax.jit(encoder_input, static_argnums=2)(u.reshape((b * c,) + u.shape[2:]), hw.reshape(b * c, 2),
+                                                      tiny_config.image_size)
+        np.testing.assert_array_equal(np.asarray(dev).reshape(f.shape), f)

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from zsp_jax.amg import AmgOptions, AutomaticMaskGenerator, data_mesh, shard_work
-from zsp_jax.testing.amg import match_records, sample_images
+from zsp_jax.testing.amg import masks_of, match_records, sample_images
 
 # Eight images of one bucket (192 x 256), different sizes within it.
 SIZES = [(150, 200), (140, 230), (180, 256), (129, 193), (192, 240), (160, 210), (135, 250), (170, 199)]
@@ -64,3 +64,42 @@ def test_fast_mode_deviation_from_exact(sam_pair):
         es = np.array([e[i]["stability_score"] for i, _ in m.pairs])
         fs = np.array([f[j]["stability_score"] for _, j in m.pairs])
         assert np.corrcoef(es, fs)[0, 1] >= 0.95
+
+
+def test_images_per_device_batches_are_device_count_independent(sam_pair):
+    """Two images per device step: 4 devices x 2 equal 1 device x 8 (the same groups of two images),
+    and the records agree with one image at a time up to float rounding."""
+    _, model = sam_pair
+    options = AmgOptions(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                         stability_score_offset=0.05, box_nms_thresh=1.0, max_masks=48)
+    images = sample_images(SIZES)
+    one = AutomaticMaskGenerator(model, options, mesh=data_mesh(jax.devices()[:1]), batch_size=8,
+                                 images_per_device=2)
+    four = AutomaticMaskGenerator(model, options, mesh=data_mesh(jax.devices()[:4]), batch_size=8,
+                                  images_per_device=2)
+    assert one.tuning.images_per_device == four.tuning.images_per_device == 2
+    out1, _ = one.generate_padded(images)
+    out4, _ = four.generate_padded(images)
+    out1, out4 = jax.tree.map(np.asarray, out1), jax.tree.map(np.asarray, out4)
+    assert out1.valid.sum() >= 8 * 40
+    for name in out1._fields:
+        np.testing.assert_array_equal(getattr(out1, name), getattr(out4, name), err_msg=name)
+    singles = AutomaticMaskGenerator(model, options, mesh=data_mesh(jax.devices()[:1]), batch_size=1)
+    for ours, single in zip(one.generate_batch(images), singles.generate_batch(images)):
+        m = match_records(single, ours)
+        assert m.ref_fraction >= 0.99 and m.ours_fraction >= 0.99
+
+
+def test_generate_iter_streams_a_generator(sam_pair):
+    """A generator input (no len) of images from two buckets: every index comes back once, as generate_batch."""
+    _, model = sam_pair
+    options = AmgOptions(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                         stability_score_offset=0.05, box_nms_thresh=1.0, max_masks=16)
+    images = sample_images([(150, 200), (100, 90), (140, 230), (96, 80), (129, 193)])
+    gen = AutomaticMaskGenerator(model, options, mesh=data_mesh(jax.devices()[:1]), batch_size=2)
+    streamed = dict(gen.generate_iter(im for im in images))
+    assert sorted(streamed) == list(range(5))
+    batch = gen.generate_batch(images)
+    for i in range(5):
+        assert len(streamed[i]) == len(batch[i]) >= 10
+        np.testing.assert_array_equal(masks_of(streamed[i]), masks_of(batch[i]))

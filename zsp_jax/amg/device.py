@@ -62,9 +62,11 @@ class Plan:
     bucket: Bucket
     layers: tuple[LayerPlan, ...]
     final: Resize2d  # the image canvas for the output masks
+    mask_chunk: int = 16  # kept masks upsampled to full resolution at once (bounds the float32 temporary)
 
     @classmethod
-    def create(cls, options: AmgOptions, image_size: int, bucket: Bucket, *, block: int = 64) -> "Plan":
+    def create(cls, options: AmgOptions, image_size: int, bucket: Bucket, *, block: int = 64,
+               mask_chunk: int = 16) -> "Plan":
         grids = options.layer_grids()
         ppb = options.points_per_batch
         layers = []
@@ -81,7 +83,7 @@ class Plan:
             batch = min(ppb, n)
             layers.append(LayerPlan(n_crops, n, batch, -(-n // batch) * batch, stats))
         final = Resize2d(bucket.height, bucket.width, widest, widest)
-        return cls(options, image_size, bucket, tuple(layers), final)
+        return cls(options, image_size, bucket, tuple(layers), final, mask_chunk)
 
     def grid_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per layer: (padded grid (n_padded, 2) float32, valid (n_padded,) bool)."""
@@ -98,8 +100,10 @@ class AmgInputs(NamedTuple):
     """Device inputs for B images (see ``zsp_jax.amg.generator.prepare_inputs``).
 
     Attributes:
-      images: per layer, (B, C_i, S, S, 3) float32 encoder inputs of the crops (normalised,
-        zero-padded, as ``zsp_jax.models.sam.transforms.preprocess``).
+      images: per layer, (B, C_i, S, S, 3) encoder inputs of the crops: float32 normalised and
+        zero-padded (as ``zsp_jax.models.sam.transforms.preprocess``), or uint8 resized crops at
+        the top-left of the S x S canvas, normalised on device (``encoder_input``: the same float32
+        arithmetic, a quarter of the bytes to transfer).
       crop_boxes: per layer, (B, C_i, 4) int32 XYXY crop boxes in the image frame.
       input_hw: per layer, (B, C_i, 2) int32 size of each resized crop inside its S x S input.
       image_hw: (B, 2) int32 original image sizes (H, W); all within the plan's bucket.
@@ -126,6 +130,8 @@ class AmgOutputs(NamedTuple):
       point_index: (B, K) int32 index into the layer's point grid.
       layer, crop_index: (B, K) int32 crop layer and crop within the layer.
       crop_box: (B, K, 4) int32 XYXY.
+      input_hw: (B, K, 2) int32 size of the mask's resized crop inside the encoder input (what
+        ``upsample_logits`` needs to bring ``low_res_logits`` to image resolution).
       valid: (B, K) bool; the first ``min(num_kept, K)`` entries are valid.
       num_kept: (B,) int32 masks that survived (capped at K + 1; > K means truncated).
       truncated_crops: (B,) int32 crops whose within-crop NMS kept more than K masks.
@@ -142,6 +148,7 @@ class AmgOutputs(NamedTuple):
     layer: jax.Array
     crop_index: jax.Array
     crop_box: jax.Array
+    input_hw: jax.Array
     valid: jax.Array
     num_kept: jax.Array
     truncated_crops: jax.Array
@@ -188,6 +195,26 @@ def _crop_resize(image: jax.Array, box: jax.Array, in_hw: jax.Array, canvas: tup
     return jnp.where(inside[..., None], x, 0.0)
 
 
+def encoder_input(images: jax.Array, input_hw: jax.Array, image_size: int) -> jax.Array:
+    """(B, S, S, 3) crops -> float32 SAM encoder input; uint8 crops are normalised here.
+
+    uint8 input is the PIL-resized crop at the top-left of the canvas (anything else is ignored):
+    ``(x - pixel_mean) / pixel_std`` inside the (h', w') of ``input_hw`` (B, 2), 0 outside, looked
+    up from a table of the host's own ``normalize_and_pad`` arithmetic (``zsp_jax.utils.lut``), so
+    equal to it bit for bit. Float input is returned as it is.
+    """
+    if images.dtype != jnp.uint8:
+        return images
+    from zsp_jax.models.sam.transforms import normalize_and_pad
+    from zsp_jax.utils.lut import apply_uint8_table, uint8_table
+
+    table = uint8_table(lambda v: normalize_and_pad(v[:, None], 256)[:, 0])
+    x = apply_uint8_table(images, table)
+    s = jnp.arange(image_size)
+    inside = (s[None, :, None] < input_hw[:, 0, None, None]) & (s[None, None, :] < input_hw[:, 1, None, None])
+    return jnp.where(inside[..., None], x, 0.0)
+
+
 def device_inputs(images: jax.Array, image_hw: jax.Array, crop_boxes: tuple[jax.Array, ...],
                   input_hw: tuple[jax.Array, ...], plan: Plan) -> AmgInputs:
     """``AmgInputs`` built on device (traceable), for pipelines whose images are already on device.
@@ -229,7 +256,7 @@ def model_decoder(model: Any) -> DecodeFn:
 # ----------------------------------------------------------------------------- statistics
 
 
-def _box_from_any(rows: jax.Array, cols: jax.Array) -> jax.Array:
+def box_from_any(rows: jax.Array, cols: jax.Array) -> jax.Array:
     """(..., H) and (..., W) bool occupancy -> (..., 4) int32 XYXY, max inclusive; empty -> 0."""
     def first_last(a):
         n = a.shape[-1]
@@ -267,7 +294,7 @@ def _mask_stats(low: jax.Array, input_hw: jax.Array, crop_hw: jax.Array, layer: 
     hi = jnp.sum(logits > o.mask_threshold + o.stability_score_offset, axis=(1, 2), dtype=jnp.int32)
     lo = jnp.sum(logits > o.mask_threshold - o.stability_score_offset, axis=(1, 2), dtype=jnp.int32)
     mask = logits > o.mask_threshold
-    boxes = _box_from_any(jnp.any(mask, axis=2), jnp.any(mask, axis=1)) * res.stride
+    boxes = box_from_any(jnp.any(mask, axis=2), jnp.any(mask, axis=1)) * res.stride
     return hi.astype(jnp.float32) / lo.astype(jnp.float32), boxes, ok
 
 
@@ -372,6 +399,59 @@ def _process_crop(decode: DecodeFn, embed: Callable[[jax.Array], jax.Array], ima
     }
 
 
+# ----------------------------------------------------------------------------- full-resolution masks
+
+
+def mask_chunk_size(k: int, requested: int) -> int:
+    """The largest divisor of ``k`` (masks per image) that is <= ``requested`` (masks upsampled at once)."""
+    requested = max(1, min(requested, k))
+    return max(d for d in range(1, requested + 1) if k % d == 0)
+
+
+def scan_mask_chunks(fn: Callable[[Any, jax.Array, jax.Array], tuple[Any, Any]], carry: Any, low: jax.Array,
+                     input_hw: jax.Array, crop_box: jax.Array, image_hw: jax.Array, plan: Plan
+                     ) -> tuple[Any, Any, jax.Array]:
+    """One image's kept masks at full resolution, ``plan.mask_chunk`` at a time, folded with ``fn``.
+
+    Each chunk's float32 logits ((chunk, Hb, Wb), not (K, Hb, Wb)) exist only inside one step,
+    which bounds the memory of large images; ``fn`` consumes the boolean masks of the chunk.
+
+    Args:
+      fn: ``fn(carry, masks (chunk, Hb, Wb) bool, index (chunk,) int32 mask slots) -> (carry, out)``.
+      carry: initial carry.
+      low: (K, s, s) low-resolution logits of the kept masks (in their crops' encoder frames).
+      input_hw, crop_box: (K, 2) / (K, 4) int32 per mask (``AmgOutputs``).
+      image_hw: (2,) int32; pixels outside the image are False.
+      plan: static shapes (``plan.final`` canvas, ``plan.mask_chunk``).
+
+    Returns:
+      (final carry, outs stacked over chunks (K // chunk, ...), ok (K,) bool: the bands covered every
+      tap of each mask's resize; only meaningful for valid slots).
+    """
+    o = plan.options
+    k = low.shape[0]
+    c = mask_chunk_size(k, plan.mask_chunk)
+    crop_hw = jnp.stack([crop_box[:, 3] - crop_box[:, 1], crop_box[:, 2] - crop_box[:, 0]], axis=-1)
+    offset = jnp.stack([crop_box[:, 1], crop_box[:, 0]], axis=-1)
+    image_inside = ((jnp.arange(plan.bucket.height) < image_hw[0])[:, None]
+                    & (jnp.arange(plan.bucket.width) < image_hw[1])[None, :])
+
+    def one_mask(lo, ih, ch, off):
+        logits, inside, ok = upsample_logits(lo[None], ih, ch, off, plan.final, plan.image_size)
+        return (logits[0] > o.mask_threshold) & inside & image_inside, ok
+
+    def step(carry, xs):
+        lo, ih, ch, off, idx = xs
+        m, ok = jax.vmap(one_mask)(lo, ih, ch, off)
+        carry, out = fn(carry, m, idx)
+        return carry, (out, ok)
+
+    chunked = lambda a: a.reshape((k // c, c) + a.shape[1:])  # noqa: E731
+    xs = tuple(map(chunked, (low, input_hw, crop_hw, offset, jnp.arange(k, dtype=jnp.int32))))
+    carry, (outs, oks) = jax.lax.scan(step, carry, xs)
+    return carry, outs, oks.reshape(k)
+
+
 # ----------------------------------------------------------------------------- all crops
 
 
@@ -401,7 +481,7 @@ def generate_padded(embed: Callable[[jax.Array], jax.Array], decode: DecodeFn, i
 
         def one_crop(xs, fn=fn):
             img, cb, ih = xs
-            return fn(img, cb, ih, inputs.image_hw)
+            return fn(encoder_input(img, ih, plan.image_size), cb, ih, inputs.image_hw)
 
         xs = (jnp.swapaxes(inputs.images[li], 0, 1), jnp.swapaxes(inputs.crop_boxes[li], 0, 1),
               jnp.swapaxes(inputs.input_hw[li], 0, 1))
@@ -433,25 +513,17 @@ def generate_padded(embed: Callable[[jax.Array], jax.Array], decode: DecodeFn, i
     masks = None
     area = jnp.zeros((b, k), jnp.int32)
     if return_masks:
-        cb = flat["crop_box"]
-        crop_hw = jnp.stack([cb[..., 3] - cb[..., 1], cb[..., 2] - cb[..., 0]], axis=-1)
-        offset = jnp.stack([cb[..., 1], cb[..., 0]], axis=-1)
+        def keep(_, chunk_masks, __):
+            return None, chunk_masks
 
-        def one_mask(low, ih, ch, off):
-            logits, inside, ok = upsample_logits(low[None], ih, ch, off, plan.final, plan.image_size)
-            return (logits[0] > o.mask_threshold) & inside, ok
-
-        up = jax.vmap(jax.vmap(one_mask))
-        masks, ok = up(flat["low"], flat["input_hw"], crop_hw, offset)
-        masks = masks & valid[..., None, None]
-        image_inside = ((jnp.arange(plan.bucket.height)[None, :] < inputs.image_hw[:, :1])[:, :, None]
-                        & (jnp.arange(plan.bucket.width)[None, :] < inputs.image_hw[:, 1:])[:, None, :])
-        masks = masks & image_inside[:, None]
+        _, masks, ok = jax.vmap(lambda lo, ih, cb, hw: scan_mask_chunks(keep, None, lo, ih, cb, hw, plan))(
+            flat["low"], flat["input_hw"], flat["crop_box"], inputs.image_hw)
+        masks = masks.reshape((b, k) + masks.shape[3:]) & valid[..., None, None]
         area = jnp.sum(masks, axis=(2, 3), dtype=jnp.int32)
         resize_ok = resize_ok & jnp.all(ok | ~valid, axis=1)
         if o.mode == "fast":
             # Report the boxes of the masks actually returned (the NMS used subsampled ones).
-            flat["boxes"] = _box_from_any(jnp.any(masks, axis=3), jnp.any(masks, axis=2))
+            flat["boxes"] = box_from_any(jnp.any(masks, axis=3), jnp.any(masks, axis=2))
 
     zero = lambda a: jnp.where(valid.reshape(valid.shape + (1,) * (a.ndim - 2)), a, 0)  # noqa: E731
     return AmgOutputs(
@@ -465,6 +537,7 @@ def generate_padded(embed: Callable[[jax.Array], jax.Array], decode: DecodeFn, i
         layer=zero(flat["layer"]),
         crop_index=zero(flat["crop_index"]),
         crop_box=zero(flat["crop_box"]),
+        input_hw=zero(flat["input_hw"]),
         valid=valid,
         num_kept=count,
         truncated_crops=truncated,

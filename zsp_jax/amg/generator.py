@@ -4,15 +4,19 @@
 
 * ``generate(image)`` returns the same list of records (segmentation, area, bbox XYWH,
   predicted_iou, point_coords, stability_score, crop_box) in the same order;
-* ``generate_batch(images)`` runs many images per compiled call, data-parallel over every
-  local device (a ``jax.sharding.Mesh`` with one "data" axis; the batch axis of every input is
-  sharded, the weights replicated);
+* ``generate_batch(images)`` / ``generate_iter(images)`` run many images per compiled call,
+  data-parallel over every local device (a ``jax.sharding.Mesh`` with one "data" axis; the batch
+  axis of every input is sharded, the weights replicated), each device working on
+  ``images_per_device`` images at a time (``zsp_jax.amg.tuning``: defaults per device kind);
+  the input is consumed as a stream (at most one batch per size bucket is held), and the host
+  prepares and converts one batch while the device computes the next;
 * ``generate_padded(images)`` stops before the host conversion and returns the device arrays
-  (``AmgOutputs``) for callers that only need masks and scores, e.g. a labeller.
+  (``AmgOutputs``) for callers that only need masks and scores.
 
-Host work per image is the crop preprocessing (PIL resize, as the reference), and at the end
-the RLE / COCO encodings and the optional small-region clean-up, both vectorised or threaded.
-Images are grouped by size bucket; each bucket and option set compiles once.
+Host work per image is the crop preprocessing (PIL resize, as the reference; uint8 crops are
+sent and normalised on device), and at the end the RLE / COCO encodings and the optional
+small-region clean-up, both vectorised or threaded. Images are grouped by size bucket; each
+bucket and option set compiles once.
 
 Across hosts, give each process its share of the work list with ``shard_work`` and run a
 generator per process on its local devices: AMG needs no communication between images.
@@ -23,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -33,10 +37,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from zsp_jax.amg import device as D
+from zsp_jax.amg import tuning
 from zsp_jax.amg.geometry import Bucket, crop_boxes, crop_plan
 from zsp_jax.amg.options import AmgOptions
 from zsp_jax.amg.regions import postprocess_small_regions
 from zsp_jax.amg.rle import masks_to_coco_rle, masks_to_rle
+from zsp_jax.utils.sharding import data_mesh, map_groups_per_device
 
 
 def shard_work(items: Sequence[Any], process_index: int | None = None, process_count: int | None = None
@@ -47,17 +53,13 @@ def shard_work(items: Sequence[Any], process_index: int | None = None, process_c
     return list(items[index::count])
 
 
-def data_mesh(devices: Sequence[Any] | None = None) -> Mesh:
-    """A 1-D data-parallel mesh (axis "data") over ``devices`` (default: all local devices)."""
-    devices = list(devices) if devices is not None else jax.local_devices()
-    return Mesh(np.array(devices).reshape(len(devices)), ("data",))
-
-
-def prepare_inputs(images: Sequence[np.ndarray], plan: D.Plan) -> D.AmgInputs:
+def prepare_inputs(images: Sequence[np.ndarray], plan: D.Plan, *, as_uint8: bool = False) -> D.AmgInputs:
     """Host preprocessing of B images for ``generate_padded``: crops, PIL resize, normalise, pad.
 
     Args:
       images: B uint8 (H, W, 3) RGB images, all inside ``plan.bucket``.
+      as_uint8: leave the resized crops as uint8 on a zero canvas; the device normalises them
+        (``device.encoder_input``, bit-identical), which transfers a quarter of the bytes.
 
     Returns:
       ``AmgInputs`` of numpy arrays.
@@ -75,14 +77,17 @@ def prepare_inputs(images: Sequence[np.ndarray], plan: D.Plan) -> D.AmgInputs:
                              "a crop would be empty")
     per_image = [crop_plan(im.shape[:2], o.crop_n_layers, o.crop_overlap_ratio, s) for im in images]
     for li in range(o.crop_n_layers + 1):
-        imgs = np.zeros((len(images), plan.layers[li].n_crops, s, s, 3), np.float32)
+        imgs = np.zeros((len(images), plan.layers[li].n_crops, s, s, 3), np.uint8 if as_uint8 else np.float32)
         for bi, (im, layers) in enumerate(zip(images, per_image)):
             boxes, sizes = layers[li]
             for ci, (x0, y0, x1, y1) in enumerate(boxes):
                 resized = resize_image(np.ascontiguousarray(im[y0:y1, x0:x1]), s)
                 if resized.shape[:2] != tuple(sizes[ci]):
                     raise AssertionError("resized crop size differs from ResizeLongestSide's")
-                imgs[bi, ci] = normalize_and_pad(resized, s)
+                if as_uint8:
+                    imgs[bi, ci, : resized.shape[0], : resized.shape[1]] = resized
+                else:
+                    imgs[bi, ci] = normalize_and_pad(resized, s)
         layers_imgs.append(imgs)
         layers_boxes.append(np.stack([layers[li][0] for layers in per_image]).astype(np.int32))
         layers_hw.append(np.stack([layers[li][1] for layers in per_image]).astype(np.int32))
@@ -119,13 +124,18 @@ class AutomaticMaskGenerator:
       options: ``AmgOptions`` (segment-anything's arguments plus mode / max_masks / bucket); or
         pass the same keyword arguments as ``SamAutomaticMaskGenerator`` directly.
       mesh: the device mesh (default: all local devices on a "data" axis).
-      batch_size: images per compiled call (default: one per device); a multiple of the mesh size.
+      batch_size: images per compiled call (default: ``images_per_device`` per device); a
+        multiple of the mesh size times ``images_per_device``.
       decoder: "amg" (``zsp_jax.amg.decoder``: the mask decoder with the prompt-independent work
         shared and attention products re-associated, equal to rounding) or "model" (``Sam.decode``).
+      images_per_device, decoder_group, mask_chunk: throughput settings (``zsp_jax.amg.tuning``;
+        None: the defaults of the mesh's device kind). Results are bitwise identical for any
+        number of devices at the same settings.
     """
 
     def __init__(self, model: Any, options: AmgOptions | None = None, *, mesh: Mesh | None = None,
-                 batch_size: int | None = None, decoder: str = "amg", **kwargs: Any):
+                 batch_size: int | None = None, decoder: str = "amg", images_per_device: int | None = None,
+                 decoder_group: int | None = None, mask_chunk: int | None = None, **kwargs: Any):
         if options is None:
             options = AmgOptions.from_reference_kwargs(**kwargs)
         elif kwargs:
@@ -136,9 +146,13 @@ class AutomaticMaskGenerator:
         self.image_size = model.config.image_size
         self.mesh = mesh if mesh is not None else data_mesh()
         n_dev = self.mesh.devices.size
-        self.batch_size = batch_size or n_dev
-        if self.batch_size % n_dev:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of the {n_dev} mesh devices")
+        self.tuning = tuning.defaults(tuning.platform_of(self.mesh.devices.flat), images_per_device=images_per_device,
+                                      decoder_group=decoder_group, mask_chunk=mask_chunk)
+        per_call = n_dev * self.tuning.images_per_device
+        self.batch_size = batch_size or per_call
+        if self.batch_size % per_call:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of the {n_dev} mesh devices x "
+                             f"{self.tuning.images_per_device} images per device")
         self.decoder = decoder
         self._graphdef, state = nnx.split(model)
         self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
@@ -150,42 +164,37 @@ class AutomaticMaskGenerator:
 
     def plan_for(self, image_hw: tuple[int, int]) -> D.Plan:
         """The static plan (bucket, shapes) for an image of size (H, W)."""
-        return D.Plan.create(self.options, self.image_size, Bucket.for_size(image_hw, self.options.bucket))
+        return D.Plan.create(self.options, self.image_size, Bucket.for_size(image_hw, self.options.bucket),
+                             mask_chunk=self.tuning.mask_chunk)
 
     def _run(self, state: Any, inputs: D.AmgInputs, plan: D.Plan, return_masks: bool, return_low_res: bool
              ) -> D.AmgOutputs:
-        """Each device maps over its own images one at a time (``shard_map`` + ``lax.map``).
+        """Each device maps over its own images ``images_per_device`` at a time (``shard_map`` + ``lax.map``).
 
-        Every image then runs the same single-image program whatever the number of devices
-        and images per device, so results are bitwise identical on 1 and on 8 devices (a
-        per-device batch of several images changes XLA's blocking of the products and with it
-        the last bits). Each image's prompts are still decoded many at a time.
+        Every group of images then runs the same program whatever the number of devices, so
+        results are bitwise identical on 1 and on 8 devices for the same ``images_per_device``
+        (a different group size changes XLA's blocking of the products and with it the last bits).
         """
-
-        def per_device(state: Any, inputs: D.AmgInputs) -> D.AmgOutputs:
+        def group(state: Any, x: D.AmgInputs) -> D.AmgOutputs:
             model = nnx.merge(self._graphdef, state)
-            if self.decoder == "amg":
-                from zsp_jax.amg.decoder import point_decoder
+            return D.generate_padded(model.embed, self.decoder_for(model), x, plan, return_masks=return_masks,
+                                     return_low_res=return_low_res)
 
-                decode = point_decoder(model)
-            else:
-                decode = D.model_decoder(model)
+        return map_groups_per_device(group, self.mesh, self.tuning.images_per_device, 1)(state, inputs)
 
-            def one(x: D.AmgInputs) -> D.AmgOutputs:
-                out = D.generate_padded(model.embed, decode, jax.tree.map(lambda a: a[None], x), plan,
-                                        return_masks=return_masks, return_low_res=return_low_res)
-                return jax.tree.map(lambda a: a[0], out)
+    def decoder_for(self, model: Any) -> D.DecodeFn:
+        """The prompt decoder this generator uses for ``model`` (``decoder`` and ``decoder_group``)."""
+        if self.decoder == "amg":
+            from zsp_jax.amg.decoder import point_decoder
 
-            return jax.lax.map(one, inputs)
-
-        return jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P("data")), out_specs=P("data"),
-                             check_vma=False)(state, inputs)
+            return point_decoder(model, group=self.tuning.decoder_group)
+        return D.model_decoder(model)
 
     def _abstract_inputs(self, plan: D.Plan) -> D.AmgInputs:
         b, s = self.batch_size, self.image_size
         sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=self._batch_sharding)  # noqa: E731
         return D.AmgInputs(
-            tuple(sd((b, l.n_crops, s, s, 3), jnp.float32) for l in plan.layers),
+            tuple(sd((b, l.n_crops, s, s, 3), jnp.uint8) for l in plan.layers),
             tuple(sd((b, l.n_crops, 4), jnp.int32) for l in plan.layers),
             tuple(sd((b, l.n_crops, 2), jnp.int32) for l in plan.layers),
             sd((b, 2), jnp.int32))
@@ -209,6 +218,29 @@ class AutomaticMaskGenerator:
 
     # ------------------------------------------------------------------ device API
 
+    def dispatch(self, images: Sequence[np.ndarray], *, return_masks: bool = True, return_low_res: bool = False
+                 ) -> tuple[D.AmgOutputs, D.Plan]:
+        """Prepares up to ``batch_size`` images of ONE bucket and starts the device work; does not wait.
+
+        Returns (``AmgOutputs`` being computed (jax arrays; reading them waits), the plan). See
+        ``generate_padded``; ``check_outputs`` verifies the result once it is ready.
+        """
+        images = [_check_image(im) for im in images]
+        if not 0 < len(images) <= self.batch_size:
+            raise ValueError(f"expected 1..{self.batch_size} images, got {len(images)}")
+        plan = self.plan_for(images[0].shape[:2])
+        for im in images:
+            if not plan.bucket.contains(im.shape[:2]):
+                raise ValueError(f"image of size {im.shape[:2]} is not in the bucket {plan.bucket}")
+        padded = list(images) + [images[-1]] * (self.batch_size - len(images))
+        t0 = time.perf_counter()
+        inputs = prepare_inputs(padded, plan, as_uint8=True)
+        inputs = jax.device_put(inputs, self._batch_sharding)
+        t1 = time.perf_counter()
+        fn = self.compiled(plan, return_masks=return_masks, return_low_res=return_low_res)
+        self.timings.preprocess += t1 - t0
+        return fn(self._state, inputs), plan
+
     def generate_padded(self, images: Sequence[np.ndarray], *, return_masks: bool = True,
                         return_low_res: bool = False) -> tuple[D.AmgOutputs, D.Plan]:
         """Runs up to ``batch_size`` images of ONE bucket and returns the padded device outputs.
@@ -221,27 +253,11 @@ class AutomaticMaskGenerator:
           (``AmgOutputs`` with a leading axis of ``batch_size`` (the first ``len(images)`` rows
           are the images), the plan).
         """
-        images = [_check_image(im) for im in images]
-        if not 0 < len(images) <= self.batch_size:
-            raise ValueError(f"expected 1..{self.batch_size} images, got {len(images)}")
-        plan = self.plan_for(images[0].shape[:2])
-        for im in images:
-            if not plan.bucket.contains(im.shape[:2]):
-                raise ValueError(f"image of size {im.shape[:2]} is not in the bucket {plan.bucket}")
-        padded = list(images) + [images[-1]] * (self.batch_size - len(images))
+        out, plan = self.dispatch(images, return_masks=return_masks, return_low_res=return_low_res)
         t0 = time.perf_counter()
-        inputs = prepare_inputs(padded, plan)
-        inputs = jax.device_put(inputs, self._batch_sharding)
-        t1 = time.perf_counter()
-        fn = self.compiled(plan, return_masks=return_masks, return_low_res=return_low_res)
-        t2 = time.perf_counter()
-        out = jax.block_until_ready(fn(self._state, inputs))
-        t3 = time.perf_counter()
-        self.timings.preprocess += t1 - t0
-        self.timings.device += t3 - t2
-        ok = np.asarray(out.resize_ok)[: len(images)]
-        if not ok.all():
-            raise RuntimeError("an image did not fit its bucket's static resize bands (a bug: please report)")
+        out = jax.block_until_ready(out)
+        self.timings.device += time.perf_counter() - t0
+        check_outputs(out, len(images))
         return out, plan
 
     # ------------------------------------------------------------------ records
@@ -261,33 +277,70 @@ class AutomaticMaskGenerator:
         Returns:
           One list of records per image, as ``generate``.
         """
-        images = [_check_image(im) for im in images]
+        results: dict[int, list[dict[str, Any]]] = {}
+        for i, records in self.generate_iter(images, progress=progress):
+            results[i] = records
+        return [results[i] for i in range(len(results))]
+
+    def generate_iter(self, images: Iterable[np.ndarray], *, progress: bool = False
+                      ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """Streams ``(index, records)`` pairs as batches finish (not in input order).
+
+        At most one partly filled batch per size bucket waits for more images, and one batch is
+        on the device while the host converts the previous one and prepares the next, so memory
+        stays bounded for an input stream of any length.
+        """
         self.timings = Timings(compile=0.0)
-        results: list[list[dict[str, Any]] | None] = [None] * len(images)
-        groups: dict[Bucket, list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault(Bucket.for_size(im.shape[:2], self.options.bucket), []).append(i)
+        pending: dict[Bucket, list[tuple[int, np.ndarray]]] = {}
+        in_flight: list[tuple[D.AmgOutputs, D.Plan, list[tuple[int, np.ndarray]]]] = []
         bar = None
         if progress:
             import tqdm
 
-            bar = tqdm.tqdm(total=len(images), desc="automatic masks", unit="img")
+            bar = tqdm.tqdm(total=len(images) if hasattr(images, "__len__") else None, desc="automatic masks",
+                            unit="img")
+
+        def finish() -> Iterator[tuple[int, list[dict[str, Any]]]]:
+            out, plan, chunk = in_flight.pop(0)
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(out)
+            t1 = time.perf_counter()
+            check_outputs(out, len(chunk))
+            host = jax.tree.map(np.asarray, out)
+            done = [(i, records_from_outputs(host, row, im.shape[:2], plan)) for row, (i, im) in enumerate(chunk)]
+            self.timings.device += t1 - t0
+            self.timings.postprocess += time.perf_counter() - t1
+            if bar is not None:
+                bar.update(len(chunk))
+            yield from done
+
+        def launch(chunk: list[tuple[int, np.ndarray]]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+            out, plan = self.dispatch([im for _, im in chunk])
+            in_flight.append((out, plan, chunk))
+            if len(in_flight) > 1:
+                yield from finish()
+
         try:
-            for idxs in groups.values():
-                for start in range(0, len(idxs), self.batch_size):
-                    chunk = idxs[start:start + self.batch_size]
-                    out, plan = self.generate_padded([images[i] for i in chunk])
-                    t0 = time.perf_counter()
-                    host = jax.tree.map(np.asarray, out)
-                    for row, i in enumerate(chunk):
-                        results[i] = records_from_outputs(host, row, images[i].shape[:2], plan)
-                    self.timings.postprocess += time.perf_counter() - t0
-                    if bar is not None:
-                        bar.update(len(chunk))
+            for i, im in enumerate(images):
+                im = _check_image(im)
+                group = pending.setdefault(Bucket.for_size(im.shape[:2], self.options.bucket), [])
+                group.append((i, im))
+                if len(group) == self.batch_size:
+                    yield from launch(pending.pop(Bucket.for_size(im.shape[:2], self.options.bucket)))
+            for chunk in list(pending.values()):
+                yield from launch(chunk)
+            while in_flight:
+                yield from finish()
         finally:
             if bar is not None:
                 bar.close()
-        return results  # type: ignore[return-value]
+
+
+def check_outputs(out: D.AmgOutputs, n_images: int) -> None:
+    """Raises if an image of a finished batch did not fit its bucket's static resize bands (a bug)."""
+    ok = np.asarray(out.resize_ok)[:n_images]
+    if not ok.all():
+        raise RuntimeError("an image did not fit its bucket's static resize bands (a bug: please report)")
 
 
 def _warn_truncation(out: D.AmgOutputs, row: int, k: int) -> None:

@@ -86,12 +86,21 @@ class Bucket:
       min_height, min_width: the smallest image this bucket accepts; with ``height`` these bound
         the crop sizes of every layer, which fixes each layer's static canvas and the band width of
         the logit upsampling.
+      min_long_side: the smallest longer side of an accepted image (0: implied by the minima). A
+        letterbox bucket (``Bucket.letterbox``) takes portrait and landscape images whose longer
+        side is the canvas side, so its minima are small but its long side is not.
     """
 
     height: int
     width: int
     min_height: int
     min_width: int
+    min_long_side: int = 0
+
+    @classmethod
+    def letterbox(cls, side: int) -> "Bucket":
+        """One canvas for every image resized to a longer side of exactly ``side`` pixels."""
+        return cls(side, side, 1, 1, side)
 
     @classmethod
     def for_size(cls, image_hw: tuple[int, int], step: int) -> "Bucket":
@@ -104,7 +113,8 @@ class Bucket:
 
     def contains(self, image_hw: tuple[int, int]) -> bool:
         h, w = image_hw
-        return self.min_height <= h <= self.height and self.min_width <= w <= self.width
+        return (self.min_height <= h <= self.height and self.min_width <= w <= self.width
+                and max(h, w) >= self.min_long_side)
 
     def layer_canvas(self, layer: int, overlap_ratio: float) -> tuple[int, int]:
         """Static (h, w) canvas that holds every crop of ``layer`` of every image in the bucket."""
@@ -117,10 +127,11 @@ class Bucket:
     def layer_min_long_side(self, layer: int, overlap_ratio: float) -> int:
         """A lower bound on the longer side of every crop of ``layer`` of every image in the bucket."""
         if layer == 0:
-            return max(self.min_height, self.min_width)
+            return max(self.min_height, self.min_width, self.min_long_side)
         n = 2 ** layer
         overlap = _layer_overlap(min(self.min_height, self.min_width), n, overlap_ratio)
-        long_side = max(_crop_len(self.min_height, n, overlap), _crop_len(self.min_width, n, overlap))
+        long_side = max(_crop_len(self.min_height, n, overlap), _crop_len(self.min_width, n, overlap),
+                        _crop_len(self.min_long_side, n, 0))
         return max(1, long_side - n)
 
 

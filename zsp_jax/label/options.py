@@ -1,0 +1,222 @@
+"""The labeller's settings: the ``label.*`` config section and the frozen options built from it.
+
+``default_label_config()`` is the one place the fields, their defaults and their meaning are
+written down; ``configs/*.py`` start from it and ``python -m zsp_jax.label`` uses it when no
+``--config`` is given. ``LabelOptions.from_config`` checks every field (errors name the field)
+and turns the section into hashable options: the part that shapes the compiled program
+(``Rules``, ``AmgOptions``, ``GemConfig``, sizes) is a static argument of ``jax.jit``.
+
+Defaults follow the paper where it speaks (SAM automatic masks, GEM-CLIP dense features,
+masked-average segment embeddings, best cosine class, a threshold to background) and
+``/work/shared/research/method.md`` section 0.2 where it is silent; each such choice is marked
+[assumption] below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import ml_collections
+
+from zsp_jax.amg import AmgOptions
+from zsp_jax.config_utils import check_choice, check_range
+from zsp_jax.models.clip import GemConfig
+
+NO_CLASS_RULES = ("cosine", "softmax", "none")
+POOLINGS = ("bilinear", "area")
+PAINT_ORDERS = ("area_desc", "area_asc", "iou_asc")
+UNCOVERED = ("ignore", "background")
+SYNONYMS = ("max", "mean")
+DTYPES = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "highest", "high", "default")
+IGNORE = 255
+
+
+def default_label_config() -> ml_collections.ConfigDict:
+    """The ``label`` config section with its defaults (see the comments for each field)."""
+    c = ml_collections.ConfigDict()
+    # --- what to label and where the results go
+    c.images_dir = ""               # a folder of images to label (recursive); "" = the config's unlabelled split
+    c.out_dir = ""                  # results; "" = <workdir>/pseudo_labels
+    c.classes = "voc"               # voc | coco | "cat,dog" | a class file (one per line, 'name: prompt; prompt')
+    c.templates = "single"          # single ("a photo of a {}.", GEM's) | imagenet80 (CLIP's 80-template ensemble)
+    c.synonyms = "max"              # a class with several prompts scores its best prompt (max) or their mean
+    # --- checkpoints (.safetensors converted by tools/convert_*.py, or PyTorch files converted on first use)
+    c.sam_checkpoint = ""           # sam_vit_h_4b8939.pth / sam_vit_b_01ec64.pth or a converted .safetensors
+    c.clip_checkpoint = ""          # OpenAI ViT-B-16.pt, an open_clip file, a transformers dir or a .safetensors
+    c.clip_model_name = ""          # open_clip model name when the file needs one (activation, ViT-H head width)
+    # --- GEM dense features (defaults: gem.create_gem_model)
+    c.clip_size = 448               # GEM's input: the image resized (bicubic, aspect not kept) to this square
+    c.gem_depth = 7                 # GEM on the last depth - 1 vision blocks
+    c.gem_iterations = 1            # self-self attention clustering iterations
+    c.gem_temperature = 0.0         # 0 = GEM's adaptive temperature; > 0 = a fixed inverse temperature
+    # --- segment -> class
+    c.pooling = "bilinear"          # segment embedding = masked average of the features resized to the image:
+                                    # bilinear (as GEM resizes its maps) | area (each pixel takes its cell's feature)
+    c.normalize_tokens = True       # L2-normalise each patch feature before averaging [assumption]
+    c.no_class = "cosine"           # background when the best cosine < threshold (the paper's "no class exceeds")
+                                    # | softmax: when max softmax(temperature * cos) < threshold | none
+    c.threshold = 0.2               # [assumption; tune it on labelled images: python -m zsp_jax.label --eval]
+    c.temperature = 100.0           # softmax scale (CLIP's logit scale) for no_class="softmax"
+    c.background_prompts = ""       # e.g. "sky; wall; floor": segments closest to these become background
+    c.paint_order = "area_desc"     # overlapping segments: area_desc = larger first, smaller on top [assumption]
+                                    # | area_asc | iou_asc (higher predicted IoU on top)
+    c.uncovered = "ignore"          # pixels no segment covers: ignore (255) [assumption] | background (0)
+    # --- SAM automatic mask generator (segment-anything's names and defaults, tuned there for ViT-H)
+    c.amg = ml_collections.ConfigDict()
+    c.amg.points_per_side = 32
+    c.amg.points_per_batch = 64
+    c.amg.pred_iou_thresh = 0.88
+    c.amg.stability_score_thresh = 0.95
+    c.amg.stability_score_offset = 1.0
+    c.amg.box_nms_thresh = 0.7
+    c.amg.crop_n_layers = 0
+    c.amg.crop_nms_thresh = 0.7
+    c.amg.crop_overlap_ratio = 512 / 1500
+    c.amg.crop_n_points_downscale_factor = 1
+    c.amg.mode = "exact"            # exact (the reference's statistics) | fast (on a strided pixel grid)
+    c.amg.max_masks = 256           # segments kept per image (a warning in the manifest when more survive)
+    # --- image sizes and compiled programs
+    c.bucket = 64                   # images are padded to a multiple of this; one compiled program per padded size
+    c.max_side = 1024               # label larger images at this longer side and resize the map (0 = never)
+    c.letterbox = 0                 # > 0: resize every image to this longer side: one program for all images
+    # --- outputs besides labels/<id>.png
+    c.write_confidence = False      # confidence/<id>.png: the winning segment's score x 255
+    c.write_segments = False        # segments/<id>.json: COCO-RLE masks with class, similarity, IoU, stability, bbox
+    c.write_overlays = False        # overlays/<id>.jpg: the image with its pseudo label blended in
+    c.report_images = 24            # images in report.html (0 = no report)
+    # --- numerics and throughput (0 / "auto" = the device kind's default, see README)
+    c.dtype = "auto"                # float32 | bfloat16 compute for SAM and CLIP
+    c.matmul_precision = "auto"     # highest | high | default (jax_default_matmul_precision while compiling)
+    c.images_per_device = 0
+    c.decoder_group = 0
+    c.mask_chunk = 0
+    c.decode_threads = 4            # host threads decoding and preparing images ahead of the device
+    c.write_threads = 4             # host threads writing outputs
+    c.prefetch = 2                  # batches prepared ahead of the device
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """How segments become classes and label maps (static: part of the compiled program)."""
+
+    row_labels: tuple[int, ...]  # label value of each prompt row
+    num_labels: int  # label values, background included
+    no_class: str = "cosine"
+    threshold: float = 0.2
+    temperature: float = 100.0
+    synonyms: str = "max"
+    pooling: str = "bilinear"
+    normalize_tokens: bool = True
+    paint_order: str = "area_desc"
+    uncovered: str = "ignore"
+
+    @property
+    def uncovered_value(self) -> int:
+        return IGNORE if self.uncovered == "ignore" else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelOptions:
+    """Everything that decides a pseudo label (``fingerprint``) plus the output and speed settings."""
+
+    classes: Any  # ClassList
+    templates: str
+    amg: AmgOptions
+    gem: GemConfig
+    clip_size: int
+    no_class: str
+    threshold: float
+    temperature: float
+    synonyms: str
+    pooling: str
+    normalize_tokens: bool
+    paint_order: str
+    uncovered: str
+    max_side: int
+    letterbox: int
+    bucket: int
+    write_confidence: bool
+    write_segments: bool
+    write_overlays: bool
+    dtype: str
+    matmul_precision: str
+
+    def rules(self) -> Rules:
+        _, row_labels = self.classes.prompt_rows()
+        return Rules(tuple(int(v) for v in row_labels), self.classes.num_labels, self.no_class, self.threshold,
+                     self.temperature, self.synonyms, self.pooling, self.normalize_tokens, self.paint_order,
+                     self.uncovered)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes two runs' labels comparable (written to ``<out>/label_settings.json``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("classes", "amg", "gem", "write_overlays")}
+        out["classes"] = self.classes.to_json()
+        out["amg"] = {f.name: getattr(self.amg, f.name) for f in dataclasses.fields(self.amg)
+                      if f.name not in ("output_mode", "points_per_batch")}
+        out["gem"] = dataclasses.asdict(self.gem)
+        return json.loads(json.dumps(out))
+
+    @classmethod
+    def from_config(cls, c: ml_collections.ConfigDict, classes: Any) -> "LabelOptions":
+        """Checks the ``label`` section (errors name ``label.<field>``) and builds the options."""
+        check_choice("label.no_class", c.no_class, NO_CLASS_RULES)
+        check_choice("label.pooling", c.pooling, POOLINGS)
+        check_choice("label.paint_order", c.paint_order, PAINT_ORDERS)
+        check_choice("label.uncovered", c.uncovered, UNCOVERED)
+        check_choice("label.synonyms", c.synonyms, SYNONYMS)
+        check_choice("label.dtype", c.dtype, DTYPES)
+        check_choice("label.matmul_precision", c.matmul_precision, PRECISIONS)
+        check_choice("label.templates", c.templates, ("single", "imagenet80"))
+        if c.no_class == "softmax":
+            check_range("label.threshold", c.threshold, 0.0, 1.0)
+        else:
+            check_range("label.threshold", c.threshold, -1.0, 1.0)
+        check_range("label.temperature", c.temperature, 1e-6, None)
+        check_range("label.clip_size", c.clip_size, 16, 4096)
+        check_range("label.max_side", c.max_side, 0, 65536)
+        check_range("label.letterbox", c.letterbox, 0, 65536)
+        check_range("label.bucket", c.bucket, 8, 4096)
+        if c.letterbox and c.max_side and c.letterbox > c.max_side:
+            raise ValueError(f"config field label.letterbox={c.letterbox}: larger than label.max_side={c.max_side}")
+        for name in ("images_per_device", "decoder_group", "mask_chunk"):
+            check_range(f"label.{name}", c[name], 0, 4096)
+        for name in ("decode_threads", "write_threads", "prefetch"):
+            check_range(f"label.{name}", c[name], 1, 256)
+        check_range("label.report_images", c.report_images, 0, 10000)
+        a = c.amg
+        check_choice("label.amg.mode", a.mode, ("exact", "fast"))
+        try:
+            amg = AmgOptions(points_per_side=a.points_per_side, points_per_batch=a.points_per_batch,
+                             pred_iou_thresh=a.pred_iou_thresh, stability_score_thresh=a.stability_score_thresh,
+                             stability_score_offset=a.stability_score_offset, box_nms_thresh=a.box_nms_thresh,
+                             crop_n_layers=a.crop_n_layers, crop_nms_thresh=a.crop_nms_thresh,
+                             crop_overlap_ratio=a.crop_overlap_ratio,
+                             crop_n_points_downscale_factor=a.crop_n_points_downscale_factor, mode=a.mode,
+                             max_masks=a.max_masks, bucket=c.bucket)
+        except ValueError as e:
+            raise ValueError(f"config section label.amg: {e}") from None
+        try:
+            gem = GemConfig(depth=c.gem_depth, ss_attn_iter=c.gem_iterations,
+                            ss_attn_temp=c.gem_temperature if c.gem_temperature > 0 else None)
+        except ValueError as e:
+            raise ValueError(f"config field label.gem_*: {e}") from None
+        if c.background_prompts.strip() and classes.prompts[0]:
+            raise ValueError("background prompts are given twice: in label.background_prompts and in the class file")
+        if c.background_prompts.strip():
+            bg = tuple(p.strip() for p in c.background_prompts.split(";"))
+            if any(not p for p in bg):
+                raise ValueError(f"config field label.background_prompts={c.background_prompts!r}: an empty prompt "
+                                 "(separate prompts with ';')")
+            classes = dataclasses.replace(classes, prompts=(bg,) + classes.prompts[1:])
+        return cls(classes=classes, templates=c.templates, amg=amg, gem=gem, clip_size=c.clip_size,
+                   no_class=c.no_class, threshold=float(c.threshold), temperature=float(c.temperature),
+                   synonyms=c.synonyms, pooling=c.pooling, normalize_tokens=bool(c.normalize_tokens),
+                   paint_order=c.paint_order, uncovered=c.uncovered, max_side=c.max_side, letterbox=c.letterbox,
+                   bucket=c.bucket, write_confidence=bool(c.write_confidence),
+                   write_segments=bool(c.write_segments), write_overlays=bool(c.write_overlays), dtype=c.dtype,
+                   matmul_precision=c.matmul_precision)
