@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--decoder", default="amg", choices=["amg", "model"])
+    from zsp_jax.utils.bench import add_precision_flag
+
+    add_precision_flag(p)
     args = p.parse_args(argv)
 
     from zsp_jax.testing import torchvision_stub
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = bench.matmul_rate()
     bench.print_header(f"SAM automatic mask generation, {args.variant}, {args.points_per_side}x{args.points_per_side} "
                        f"points, {args.images} images of {args.size}", peak)
+    print(bench.set_matmul_precision(args.matmul_precision))
     print(f"   torch threads: {threads}")
     h, w = (int(v) for v in args.size.split("x"))
     config = SamConfig.from_name(args.variant)

@@ -33,13 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action="store_true", help="also time bfloat16 and report its deviation from fp32")
     p.add_argument("--text", action="store_true", help="also time text encoding")
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference")
+    from zsp_jax.utils.bench import add_precision_flag
+
+    add_precision_flag(p)
     args = p.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
     from flax import nnx
-
-    jax.config.update("jax_default_matmul_precision", "highest")  # fp32 parity, as the tests
 
     from zsp_jax.models.clip import GemConfig, build_clip, convert_state_dict
     from zsp_jax.testing import clip as clip_testing
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     torch_threads = bench.set_torch_threads()
     peak = bench.matmul_rate()
     bench.print_header(f"CLIP ViT-B/16 + GEM dense features, {args.size}x{args.size}, batch {args.batch}", peak)
+    print(bench.set_matmul_precision(args.matmul_precision))
     print(f"   torch threads: {torch_threads}")
 
     torch_model = clip_testing.open_clip_vit_b16(quick_gelu=True, seed=0)

@@ -38,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
                    help="our weight dtype (default: the compute dtype)")
     p.add_argument("--no-reference", action="store_true", help="skip segment-anything (ours only)")
+    from zsp_jax.utils.bench import add_precision_flag
+
+    add_precision_flag(p)
     args = p.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
     import torch
     from flax import nnx
-
-    jax.config.update("jax_default_matmul_precision", "highest")  # fp32 parity, as the tests
 
     from zsp_jax.models.sam import SamConfig, from_state_dict, postprocess_masks, preprocess
     from zsp_jax.models.sam.image_encoder import encoder_flops
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     param_dtype = jnp.dtype(args.param_dtype or args.dtype)
     bench.print_header(f"SAM {args.variant}, {config.image_size}x{config.image_size}, batch {args.batch}, "
                        f"{args.points} points multimask, ours in {dtype.name} (weights {param_dtype.name})", peak)
+    print(bench.set_matmul_precision(args.matmul_precision))
     print(f"   torch {torch.__version__}, {threads} threads; XLA flags: "
           f"{__import__('os').environ.get('XLA_FLAGS', '') or '(none)'}")
 

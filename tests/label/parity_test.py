@@ -9,7 +9,7 @@ content: many segments, several labels, background present.
 
 import numpy as np
 
-from conftest import make_options, many_segments_config
+from zsp_jax.testing.label_models import make_options, many_segments_config
 from zsp_jax.label.labeller import Labeller
 from zsp_jax.testing.amg import sample_images
 from zsp_jax.testing.label_reference import ReferenceLabeller

@@ -38,13 +38,20 @@ def default_label_config() -> ml_collections.ConfigDict:
     """The ``label`` config section with its defaults (see the comments for each field)."""
     c = ml_collections.ConfigDict()
     # --- what to label and where the results go
-    c.images_dir = ""               # a folder of images to label (recursive); "" = the config's unlabelled split
+    c.images_dir = ""               # a folder of images to label (recursive); "" = the config's data split
+    c.split = "unlabeled"           # without images_dir: label the split's unlabeled | labeled | both images
+    c.gt_dir = ""                   # with images_dir: ground-truth masks at <gt_dir>/<name>.png, for evaluation
     c.out_dir = ""                  # results; "" = <workdir>/pseudo_labels
+    c.evaluate = True               # compare with ground truth wherever it exists (eval.json, report)
+    c.sweep_thresholds = ""         # e.g. "0.1:0.4:0.05": mIoU per cosine threshold (needs write_segments)
+    c.overwrite = False             # relabel everything in out_dir (else finished images are kept)
+    c.retry_failed = False          # try again the images a previous run could not read
     c.classes = "voc"               # voc | coco | "cat,dog" | a class file (one per line, 'name: prompt; prompt')
     c.templates = "single"          # single ("a photo of a {}.", GEM's) | imagenet80 (CLIP's 80-template ensemble)
     c.synonyms = "max"              # a class with several prompts scores its best prompt (max) or their mean
     # --- checkpoints (.safetensors converted by tools/convert_*.py, or PyTorch files converted on first use)
     c.sam_checkpoint = ""           # sam_vit_h_4b8939.pth / sam_vit_b_01ec64.pth or a converted .safetensors
+    c.sam_allow_custom = False      # convert a .pth that is none of vit_b / vit_l / vit_h (else refused)
     c.clip_checkpoint = ""          # OpenAI ViT-B-16.pt, an open_clip file, a transformers dir or a .safetensors
     c.clip_model_name = ""          # open_clip model name when the file needs one (activation, ViT-H head width)
     # --- GEM dense features (defaults: gem.create_gem_model)
@@ -96,6 +103,8 @@ def default_label_config() -> ml_collections.ConfigDict:
     c.decode_threads = 4            # host threads decoding and preparing images ahead of the device
     c.write_threads = 4             # host threads writing outputs
     c.prefetch = 2                  # batches prepared ahead of the device
+    c.compile_cache = True          # JAX's persistent compilation cache: reruns do not recompile
+    c.compile_cache_dir = ""        # where it lives; "" = <out>/.jax_cache
     return c
 
 
@@ -172,6 +181,7 @@ class LabelOptions:
         check_choice("label.dtype", c.dtype, DTYPES)
         check_choice("label.matmul_precision", c.matmul_precision, PRECISIONS)
         check_choice("label.templates", c.templates, ("single", "imagenet80"))
+        check_choice("label.split", c.split, ("unlabeled", "labeled", "both"))
         if c.no_class == "softmax":
             check_range("label.threshold", c.threshold, 0.0, 1.0)
         else:

@@ -109,6 +109,22 @@ def machine_description() -> str:
             f"jax {jax.__version__}")
 
 
+PRECISIONS = ("highest", "high", "default")
+
+
+def add_precision_flag(parser: Any) -> None:
+    """``--matmul-precision`` on a benchmark's argparse parser (default: highest, fp32 parity)."""
+    parser.add_argument("--matmul-precision", choices=PRECISIONS, default="highest",
+                        help="jax_default_matmul_precision for our side (GPUs/TPUs default to reduced fp32 "
+                             "precision; 'highest' is what fp32 parity needs)")
+
+
+def set_matmul_precision(value: str) -> str:
+    """Sets ``jax_default_matmul_precision`` for the process and returns a line saying so."""
+    jax.config.update("jax_default_matmul_precision", value)
+    return f"   matmul precision (jax_default_matmul_precision): {value}"
+
+
 @dataclasses.dataclass
 class Comparison:
     """One benchmark row: ours against the reference on the same work."""

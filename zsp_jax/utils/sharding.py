@@ -38,3 +38,11 @@ def map_groups_per_device(fn: Callable[..., Any], mesh: Mesh, group: int, n_repl
 
     return jax.shard_map(per_device, mesh=mesh, in_specs=(P(),) * n_replicated + (P("data"),),
                          out_specs=P("data"), check_vma=False)
+
+
+def barrier(name: str) -> None:
+    """Waits for every JAX process (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,195 @@
+"""The pseudo-label stage: a config in, pseudo labels, a manifest, quality and a report out.
+
+``run(config)`` is what ``python -m zsp_jax.label`` and ``python -m zsp_jax.main`` (stage
+``label``) call. It reads the ``label`` section (``zsp_jax.label.options``), lists the images
+(``label.images_dir``, or the ``data`` split's unlabelled / labelled images), loads or converts
+the checkpoints, labels everything not finished yet (``zsp_jax.label.job``), and on process 0
+merges the manifests, evaluates against ground truth where it exists and writes the report.
+Several processes (``jax.distributed``) each take their share of the buckets.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from zsp_jax.label import checkpoints, job, outputs, quality, report
+from zsp_jax.label.classes import load_classes
+from zsp_jax.label.labeller import Labeller
+from zsp_jax.label.options import LabelOptions
+from zsp_jax.utils import io
+from zsp_jax.utils.sharding import barrier
+
+
+def out_dir_of(config: ml_collections.ConfigDict) -> str:
+    """``label.out_dir``, or ``<workdir>/pseudo_labels``."""
+    c = config.label
+    return os.path.abspath(os.path.expanduser(c.out_dir or os.path.join(config.workdir, "pseudo_labels")))
+
+
+def labels_dir_of(config: ml_collections.ConfigDict) -> str:
+    """The folder of label maps the trainer reads (``data.pseudo_labels``)."""
+    return os.path.join(out_dir_of(config), "labels")
+
+
+def work_items(config: ml_collections.ConfigDict) -> list[job.WorkItem]:
+    """The images to label: a folder (recursive, EXIF applied) or the config's data split."""
+    from zsp_jax.data import readers, splits
+    from zsp_jax.data.pseudo_labels import label_relpath
+
+    c = config.label
+    if c.images_dir:
+        examples = readers.folder_examples(c.images_dir)
+        gt_dir = os.path.expanduser(c.gt_dir) if c.gt_dir else ""
+        return [job.WorkItem(e.name, e.image, True,
+                             os.path.join(gt_dir, label_relpath(e.name)) if gt_dir else None) for e in examples]
+    d = config.data
+    layout = readers.make_layout(d.dataset, os.path.expanduser(d.root))
+    labeled, unlabeled = splits.load_split(layout, os.path.expanduser(d.splits_dir), d.split)
+    chosen = {"unlabeled": unlabeled, "labeled": labeled, "both": labeled + unlabeled}[c.split]
+    items = []
+    for e in chosen:
+        gt = e.mask or next((m for m in layout.mask_candidates(e.name) if os.path.isfile(m)), None)
+        items.append(job.WorkItem(e.name, e.image, layout.exif, gt))
+    return items
+
+
+def resolve_dtype(name: str) -> Any:
+    """``label.dtype`` -> a jnp dtype ("auto" is float32: bfloat16's label agreement is in the README)."""
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in ``path`` (every program, however quick to compile)."""
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def parse_thresholds(spec: str) -> list[float]:
+    """``"0.1:0.4:0.05"`` (start:stop:step, stop included) or ``"0.1,0.2"`` -> thresholds."""
+    import numpy as np
+
+    spec = spec.strip()
+    try:
+        if ":" in spec:
+            a, b, step = (float(x) for x in spec.split(":"))
+            return [round(float(t), 6) for t in np.arange(a, b + step / 2, step)]
+        return [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"config field label.sweep_thresholds={spec!r}: expected start:stop:step or a,b,c") from None
+
+
+def build_labeller(config: ml_collections.ConfigDict, options: LabelOptions, out_dir: str) -> Labeller:
+    c = config.label
+    dtype = resolve_dtype(c.dtype)
+    cache = os.path.join(out_dir, "checkpoints")
+    sam, _ = checkpoints.load_sam_checkpoint(c.sam_checkpoint, cache, dtype=dtype, allow_custom=c.sam_allow_custom)
+    clip, tokenizer = checkpoints.load_clip_checkpoint(c.clip_checkpoint, cache, model_name=c.clip_model_name,
+                                                       dtype=dtype)
+    return Labeller(sam, clip, tokenizer, options, images_per_device=c.images_per_device,
+                    decoder_group=c.decoder_group, mask_chunk=c.mask_chunk, text_cache_dir=cache)
+
+
+def settings_of(config: ml_collections.ConfigDict, options: LabelOptions, labeller: Labeller) -> dict[str, Any]:
+    c = config.label
+    return {"options": options.fingerprint(), "sam_checkpoint": os.path.abspath(os.path.expanduser(c.sam_checkpoint)),
+            "clip_checkpoint": os.path.abspath(os.path.expanduser(c.clip_checkpoint)),
+            "text_embeddings": labeller.text_checkpoint, "matmul_precision": labeller.matmul_precision()}
+
+
+def run(config: ml_collections.ConfigDict, *, progress: bool = True, log: Any = print) -> dict[str, Any]:
+    """Runs the stage; returns (and, on process 0, writes to ``<out>/summary.json``) its summary."""
+    c = config.label
+    options = LabelOptions.from_config(c, load_classes(c.classes))
+    out_dir = out_dir_of(config)
+    pid, count = jax.process_index(), jax.process_count()
+    os.makedirs(out_dir, exist_ok=True)
+    if config.get("synthetic") and not c.images_dir:
+        from zsp_jax.data.stage import prepare_synthetic
+
+        if pid == 0:
+            prepare_synthetic(config)
+        barrier("zsp_label_synthetic")
+    items = work_items(config)
+    if not items:
+        raise ValueError("nothing to label: " + (f"no images under {c.images_dir}" if c.images_dir
+                                                 else f"the {c.split} part of split {config.data.split} is empty"))
+    if c.compile_cache:
+        enable_compilation_cache(os.path.expanduser(c.compile_cache_dir) or os.path.join(out_dir, ".jax_cache"))
+    labeller = build_labeller(config, options, out_dir)
+    settings = settings_of(config, options, labeller)
+    if pid == 0:
+        outputs.remove_stale_temporaries(out_dir)
+        outputs.check_settings(out_dir, settings, overwrite=bool(c.overwrite))
+        outputs.write_classes(out_dir, options.classes)
+    barrier("zsp_label_start")
+    if pid != 0:
+        outputs.check_settings(out_dir, settings)
+    log(f"labelling {len(items)} images into {out_dir} with {labeller.batch_size} per call "
+        f"({jax.local_device_count()} device(s) x {labeller.tuning.images_per_device}), "
+        f"{options.classes.num_labels - 1} classes from {options.classes.source}")
+    mine = job.run_job(labeller, items, out_dir, threads=(c.decode_threads, c.write_threads), prefetch=c.prefetch,
+                       process_index=pid, process_count=count, progress=progress, retry_failed=bool(c.retry_failed))
+    io.write_json_atomic(os.path.join(out_dir, "manifest", f"{pid:03d}-of-{count:03d}.summary.json"), mine)
+    barrier("zsp_label_done")
+    if pid != 0:
+        return mine
+    return finish(config, options, out_dir, items, mine, log=log)
+
+
+def finish(config: ml_collections.ConfigDict, options: LabelOptions, out_dir: str, items: list[job.WorkItem],
+           mine: dict[str, Any], *, log: Any = print) -> dict[str, Any]:
+    """Process 0, after every process is done: merged manifest, quality, report, summary."""
+    c = config.label
+    entries = outputs.read_manifests(out_dir)
+    wanted = {i.name for i in items}
+    entries = {n: e for n, e in entries.items() if n in wanted}
+    manifest = outputs.write_merged_manifest(out_dir, entries.values())
+    gt_of = {i.name: i.gt for i in items if i.gt}
+    names = list(options.classes.names)
+    result: dict[str, Any] = {
+        "out_dir": out_dir, "labels_dir": os.path.join(out_dir, "labels"), "manifest": manifest,
+        "images": len(items), "labelled_total": sum(e.get("status") == "ok" for e in entries.values()),
+        "failed_total": sum(e.get("status") == "failed" for e in entries.values()),
+        "this_run": mine,
+        "failures": [{"name": n, "path": e.get("path"), "reason": e.get("error")} for n, e in sorted(entries.items())
+                     if e.get("status") == "failed"],
+    }
+    quality_result = None
+    if c.evaluate and gt_of:
+        pairs = quality.evaluation_pairs(out_dir, entries, gt_of)
+        if pairs:
+            quality_result = quality.evaluate(pairs, names, threads=c.decode_threads)
+            io.write_json_atomic(os.path.join(out_dir, "eval.json"), quality_result)
+            result["eval"] = os.path.join(out_dir, "eval.json")
+            result["miou"] = quality_result["as_labelled"]["miou"]
+            log(quality.format_table(quality_result))
+        if c.sweep_thresholds:
+            if not options.write_segments or options.no_class != "cosine":
+                raise ValueError("label.sweep_thresholds needs label.write_segments=True and label.no_class='cosine'")
+            seg_pairs = quality.evaluation_pairs(out_dir, entries, gt_of, kind="segments")
+            sweep = quality.sweep_thresholds(seg_pairs, parse_thresholds(c.sweep_thresholds), names,
+                                             uncovered=options.rules().uncovered_value,
+                                             paint_order=options.paint_order, threads=c.decode_threads)
+            io.write_json_atomic(os.path.join(out_dir, "threshold_sweep.json"), sweep)
+            result["threshold_sweep"] = os.path.join(out_dir, "threshold_sweep.json")
+            best = max(sweep, key=lambda r: r["miou"]) if sweep else None
+            for r in sweep:
+                log(f"  threshold {r['threshold']:.3f}: mIoU {r['miou']:.2f}, coverage {r['coverage']:.1f} %, "
+                    f"uncovered as background {r['miou_uncovered_as_background']:.2f}")
+            if best:
+                log(f"  best threshold {best['threshold']} (mIoU {best['miou']:.2f}); set label.threshold to use it")
+    if c.report_images:
+        result["report"] = report.write_report(out_dir, options.classes, entries, gt_of, n_images=c.report_images,
+                                               quality=quality_result, summary=result)
+    io.write_json_atomic(os.path.join(out_dir, "summary.json"), result)
+    log(f"pseudo labels: {result['labelled_total']} of {len(items)} images in {result['labels_dir']} "
+        f"({mine['labelled']} this run, {mine['done_before']} before, {result['failed_total']} could not be read: "
+        f"see {manifest})" + (f"; report {result['report']}" if "report" in result else ""))
+    return result
