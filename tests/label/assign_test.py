@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from zsp_jax.amg import AmgOptions, Bucket, Plan
 from zsp_jax.amg.device import AmgOutputs
-from zsp_jax.label.device import LabelPlan, classify, label_image, label_scores, pool_weights
+from zsp_jax.label.device import LabelPlan, classify, label_images, label_scores, pool_weights
 from zsp_jax.label.options import Rules
 from zsp_jax.models.clip import GemConfig
 
@@ -99,8 +99,9 @@ def _constructed_case(paint_order="area_desc", uncovered="ignore", pooling="bili
     tokens[:2, :2] = [0, 0, 0, 1]
     tokens[5:, 5:] = [1, 0, 0, 0]
     text = jnp.eye(4)[1:]
-    out = jax.jit(lambda a, t: label_image(a, t, text, jnp.asarray([64, 64], jnp.int32), plan))(amg, tokens)
-    return jax.tree.map(np.asarray, out)
+    batched = jax.tree.map(lambda a: a[None], (amg, tokens))  # one image
+    out = jax.jit(lambda a, t: label_images(a, t, text, jnp.asarray([[64, 64]], jnp.int32), plan))(*batched)
+    return jax.tree.map(lambda a: np.asarray(a)[0], out)
 
 
 def _region(label, name, margin=2):

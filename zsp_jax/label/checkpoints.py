@@ -156,3 +156,63 @@ def load_clip_checkpoint(path: str, cache_dir: str, *, model_name: str = "", dty
         raise CheckpointError(f"no CLIP vocabulary: {e}; convert the checkpoint with tools/convert_clip.py, which "
                               "writes the vocabulary beside it") from None
     return model, tokenizer
+
+
+def _safetensors_metadata(path: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        return dict(f.metadata() or {})
+
+
+def describe_sam(path: str) -> str:
+    """The SAM variant a checkpoint holds (``vit_h``, ``vit_b``, ``custom``, ...), read from metadata or
+    tensor shapes only; raises ``CheckpointError`` saying what is wrong and what to download."""
+    path = _check_exists(path, "SAM", SAM_HELP)
+    try:
+        if path.endswith(".safetensors"):
+            meta = _safetensors_metadata(path)
+            if meta.get("zsp_jax.model") != "sam":
+                raise ValueError(f"a converted {meta.get('zsp_jax.model', 'unknown')!r} file, not SAM")
+            return meta.get("zsp_jax.variant", "custom")
+        from zsp_jax.models.sam.convert import infer_config
+        from zsp_jax.utils import weights as W
+
+        sd = W.unwrap_state_dict(W.load_torch_checkpoint(path), path=path)
+        return infer_config(sd, source_name=path).name
+    except ImportError as e:
+        raise CheckpointError(f"{path}: reading a PyTorch checkpoint needs torch ({e}): 'pip install torch==2.13.0', "
+                              "or convert it elsewhere with tools/convert_sam.py") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable or foreign file
+        raise CheckpointError(f"{path} is not a usable segment-anything checkpoint ({e}); {SAM_HELP}") from None
+
+
+def describe_clip(path: str, model_name: str = "") -> str:
+    """The CLIP variant a checkpoint holds (``vit_b16``, ...), from metadata or shapes only; raises
+    ``CheckpointError`` like ``describe_sam``."""
+    path = _check_exists(path, "CLIP", CLIP_HELP)
+    try:
+        if path.endswith(".safetensors"):
+            meta = _safetensors_metadata(path)
+            if meta.get("zsp_jax.model") != "clip":
+                raise ValueError(f"a converted {meta.get('zsp_jax.model', 'unknown')!r} file, not CLIP")
+            return meta.get("zsp_jax.variant", "custom")
+        from zsp_jax.models.clip import convert as C
+
+        fmt = C.detect_format(path)
+        if fmt == "hf":
+            config, _ = C.read_hf_directory(path)
+        else:
+            sd = C.read_torch_file(path)
+            fmt = C.detect_format(path, sd)
+            if fmt == "open_clip":
+                sd = C.normalize_open_clip_keys(sd)
+            config = C.config_from_openai_state_dict(sd, act="gelu", source_name=path, model_name=model_name or None)
+        return config.variant_name()
+    except ImportError as e:
+        raise CheckpointError(f"{path}: reading a PyTorch checkpoint needs torch ({e}): 'pip install torch==2.13.0', "
+                              "or convert it elsewhere with tools/convert_clip.py") from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path} is not a usable CLIP checkpoint ({e}); {CLIP_HELP}") from None

@@ -183,61 +183,67 @@ def _paint_key(area: jax.Array, iou: jax.Array, order: str) -> jax.Array:
     return iou  # iou_asc: ascending predicted IoU, the most confident on top
 
 
-def label_image(amg: D.AmgOutputs, tokens: jax.Array, text: jax.Array, image_hw: jax.Array, plan: LabelPlan
-                ) -> dict[str, Any]:
-    """One image's label map and segment records (leaves of ``amg`` without the batch axis).
+def label_images(amg: D.AmgOutputs, tokens: jax.Array, text: jax.Array, image_hw: jax.Array, plan: LabelPlan
+                 ) -> dict[str, Any]:
+    """B images' label maps and segment records.
 
     Args:
-      amg: one image's ``AmgOutputs`` with ``low_res_logits``.
-      tokens: (gh, gw, D) float32 dense features.
+      amg: the images' ``AmgOutputs`` with ``low_res_logits`` (leading axis B).
+      tokens: (B, gh, gw, D) float32 dense features.
       text: (P, D) unit prompt embeddings.
-      image_hw: (2,) int32.
+      image_hw: (B, 2) int32.
+
+    Returns:
+      a dict of (B, ...) arrays named as the fields of ``LabelOutputs``.
     """
     rules = plan.rules
     hb, wb = plan.amg.bucket.height, plan.amg.bucket.width
-    gh, gw, d = tokens.shape
-    rows = pool_weights(gh, image_hw[0], hb, rules.pooling)  # (Hb, gh)
-    cols = pool_weights(gw, image_hw[1], wb, rules.pooling)  # (Wb, gw)
+    b, gh, gw, d = tokens.shape
+    rows = jax.vmap(lambda n: pool_weights(gh, n, hb, rules.pooling))(image_hw[:, 0])  # (B, Hb, gh)
+    cols = jax.vmap(lambda n: pool_weights(gw, n, wb, rules.pooling))(image_hw[:, 1])  # (B, Wb, gw)
     iou = amg.predicted_iou
 
     def step(carry, masks, idx):
-        best_key, best_idx = carry
-        area = jnp.sum(masks, axis=(1, 2), dtype=jnp.int32)
-        ok = amg.valid[idx] & (area > 0)
-        m = masks & ok[:, None, None]
-        key = _paint_key(area, iou[idx], rules.paint_order)[:, None, None]
-        chunk_key = jnp.max(jnp.where(m, key, -jnp.inf), axis=0)
-        chunk_idx = jnp.max(jnp.where(m & (key == chunk_key), idx[:, None, None], -1), axis=0)
+        best_key, best_idx = carry  # (B, Hb, Wb)
+        area = jnp.sum(masks, axis=(2, 3), dtype=jnp.int32)  # (B, c)
+        ok = amg.valid[:, idx] & (area > 0)
+        m = masks & ok[..., None, None]
+        key = _paint_key(area, iou[:, idx], rules.paint_order)[..., None, None]
+        chunk_key = jnp.max(jnp.where(m, key, -jnp.inf), axis=1)
+        chunk_idx = jnp.max(jnp.where(m & (key == chunk_key[:, None]), idx[None, :, None, None], -1), axis=1)
         better = (chunk_idx >= 0) & (chunk_key >= best_key)  # a later chunk wins ties, as later painting
         carry = (jnp.where(better, chunk_key, best_key), jnp.where(better, chunk_idx, best_idx))
         mf = m.astype(jnp.float32)
-        cov = jnp.einsum("hi,chj->cij", rows, jnp.einsum("chw,wj->chj", mf, cols))  # (c, gh, gw)
-        boxes = D.box_from_any(jnp.any(m, axis=2), jnp.any(m, axis=1))
+        cov = jnp.einsum("bhi,bchj->bcij", rows, jnp.einsum("bchw,bwj->bchj", mf, cols))  # (B, c, gh, gw)
+        boxes = D.box_from_any(jnp.any(m, axis=3), jnp.any(m, axis=2))  # (B, c, 4)
         packed = jnp.packbits(m, axis=-1) if plan.return_masks else None
         return carry, (area, cov, boxes, packed)
 
-    init = (jnp.full((hb, wb), -jnp.inf, jnp.float32), jnp.full((hb, wb), -1, jnp.int32))
+    init = (jnp.full((b, hb, wb), -jnp.inf, jnp.float32), jnp.full((b, hb, wb), -1, jnp.int32))
     (_, winner), (area, cov, boxes, packed), ok = D.scan_mask_chunks(
-        step, init, amg.low_res_logits, amg.input_hw, amg.crop_box, image_hw, plan.amg)
-    k = amg.valid.shape[0]
-    area, cov, boxes = area.reshape(k), cov.reshape(k, gh * gw), boxes.reshape(k, 4)
+        step, init, amg.low_res_logits, amg.input_hw, amg.crop_box, image_hw, plan.amg, amg.valid)
+    k = amg.valid.shape[1]
+    slots = lambda a: jnp.moveaxis(a, 1, 0).reshape((b, k) + a.shape[3:])  # (K//c, B, c, ...) -> (B, K, ...)  # noqa: E731
+    area, cov, boxes = slots(area), slots(cov).reshape(b, k, gh * gw), slots(boxes)
     valid = amg.valid & (area > 0)
-    weight = jnp.maximum(jnp.sum(cov, axis=1, keepdims=True), 1e-12)
-    embeddings = (cov @ tokens.reshape(gh * gw, d).astype(jnp.float32)) / weight
-    seg_label, seg_best, seg_cos, seg_score = classify(label_scores(embeddings, text, rules), rules)
+    weight = jnp.maximum(jnp.sum(cov, axis=2, keepdims=True), 1e-12)
+    embeddings = jnp.einsum("bkg,bgd->bkd", cov, tokens.reshape(b, gh * gw, d).astype(jnp.float32)) / weight
+    seg_label, seg_best, seg_cos, seg_score = jax.vmap(lambda e: classify(label_scores(e, text, rules), rules))(
+        embeddings)
     seg_label = jnp.where(valid, seg_label, 0)
     covered = winner >= 0
     at = jnp.maximum(winner, 0)
-    label = jnp.where(covered, seg_label[at], rules.uncovered_value).astype(jnp.uint8)
+    take = jax.vmap(lambda values, index: values[index])
+    label = jnp.where(covered, take(seg_label, at), rules.uncovered_value).astype(jnp.uint8)
     out = {"label": label, "seg_label": seg_label, "seg_best": jnp.where(valid, seg_best, 0),
            "seg_similarity": jnp.where(valid, seg_cos, 0.0), "seg_score": jnp.where(valid, seg_score, 0.0),
-           "boxes": jnp.where(valid[:, None], boxes, 0), "area": jnp.where(valid, area, 0), "valid": valid,
-           "resize_ok": jnp.all(ok | ~amg.valid)}
+           "boxes": jnp.where(valid[..., None], boxes, 0), "area": jnp.where(valid, area, 0), "valid": valid,
+           "resize_ok": jnp.all(ok | ~amg.valid, axis=1)}
     if plan.return_confidence:
-        conf = jnp.round(jnp.clip(seg_score[at], 0.0, 1.0) * 255.0)
+        conf = jnp.round(jnp.clip(take(seg_score, at), 0.0, 1.0) * 255.0)
         out["confidence"] = jnp.where(covered, conf, 0).astype(jnp.uint8)
     if plan.return_masks:
-        out["packed_masks"] = packed.reshape((k,) + packed.shape[2:])
+        out["packed_masks"] = slots(packed)
     return out
 
 
@@ -259,8 +265,7 @@ def label_group(sam: Any, decode: D.DecodeFn, clip: Any, clip_table: jax.Array, 
     amg = D.generate_padded(sam.embed, decode, inputs.amg, plan.amg, return_masks=False, return_low_res=True)
     pixels = apply_uint8_table(inputs.clip_images, clip_table)
     tokens = clip.dense_features(pixels, plan.gem, normalize=plan.rules.normalize_tokens).tokens
-    per_image = jax.vmap(lambda a, t, hw: label_image(a, t, text, hw, plan))(amg, tokens.astype(jnp.float32),
-                                                                            inputs.amg.image_hw)
+    per_image = label_images(amg, tokens.astype(jnp.float32), text, inputs.amg.image_hw, plan)
     return LabelOutputs(
         label=per_image["label"], confidence=per_image.get("confidence"), seg_label=per_image["seg_label"],
         seg_best=per_image["seg_best"], seg_similarity=per_image["seg_similarity"],

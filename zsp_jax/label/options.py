@@ -52,8 +52,10 @@ def default_label_config() -> ml_collections.ConfigDict:
     # --- checkpoints (.safetensors converted by tools/convert_*.py, or PyTorch files converted on first use)
     c.sam_checkpoint = ""           # sam_vit_h_4b8939.pth / sam_vit_b_01ec64.pth or a converted .safetensors
     c.sam_allow_custom = False      # convert a .pth that is none of vit_b / vit_l / vit_h (else refused)
+    c.sam_variant = ""              # checked before a run starts: vit_b | vit_l | vit_h ("" = any)
     c.clip_checkpoint = ""          # OpenAI ViT-B-16.pt, an open_clip file, a transformers dir or a .safetensors
     c.clip_model_name = ""          # open_clip model name when the file needs one (activation, ViT-H head width)
+    c.clip_variant = ""             # checked before a run starts: vit_b16 | vit_b32 | vit_l14 | ... ("" = any)
     # --- GEM dense features (defaults: gem.create_gem_model)
     c.clip_size = 448               # GEM's input: the image resized (bicubic, aspect not kept) to this square
     c.gem_depth = 7                 # GEM on the last depth - 1 vision blocks

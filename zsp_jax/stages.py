@@ -1,0 +1,230 @@
+"""The main job's stages, in order: convert -> label -> train -> eval, each skipping work already done.
+
+* ``data`` (only when asked for): the training input pipeline for a few batches and its
+  preview (``zsp_jax.data.stage``);
+* ``convert``: PyTorch checkpoints named in the config (``label.sam_checkpoint``,
+  ``label.clip_checkpoint``, ``model.pretrained``) are converted once to ``.safetensors`` in the
+  work directory (reused while the source is unchanged);
+* ``label``: zero-shot pseudo labels of the unlabelled split (``zsp_jax.label.stage``): finished
+  images are skipped; ``data.pseudo_labels`` defaults to its output;
+* ``train``: DeepLabV3+ in ``train.mode`` (``zsp_jax.train.stage``): resumes from the last
+  checkpoint; a finished run returns its summary;
+* ``eval``: the best checkpoint on the validation list (skipped when that checkpoint was
+  already evaluated in this mode).
+
+``config.stages`` ("convert,label,train,eval" by default) selects stages. Before any of them,
+every input they need is checked (``zsp_jax.preflight``); all problems are reported at once.
+Generated data (``config.synthetic``, the smoke run) is written first. At the end, process 0
+writes ``<workdir>/summary.json`` with where every output is and the final and best mIoU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from zsp_jax import preflight
+from zsp_jax.utils import io
+from zsp_jax.utils.sharding import barrier
+
+STAGES = ("data", "convert", "label", "train", "eval")
+DEFAULT_STAGES = "convert,label,train,eval"  # "data" (the input pipeline's preview) runs when asked for
+
+
+def selected(config: ml_collections.ConfigDict) -> list[str]:
+    """``config.stages`` as an ordered list; unknown names are an error naming the field."""
+    names = [s.strip() for s in str(config.get("stages", DEFAULT_STAGES)).split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown or not names:
+        raise ValueError(f"config field stages={config.get('stages')!r}: unknown stage(s) {unknown}; "
+                         f"choose from {list(STAGES)} (comma-separated)")
+    return [s for s in STAGES if s in names]
+
+
+def prepare_generated(config: ml_collections.ConfigDict) -> None:
+    """The smoke run's generated dataset and random checkpoints (process 0; idempotent)."""
+    s = config.synthetic
+    if jax.process_index() == 0:
+        from zsp_jax.data.stage import prepare_synthetic
+
+        prepare_synthetic(config)
+        if s.get("checkpoints"):
+            from zsp_jax.testing.label_models import tiny_checkpoints
+
+            tiny_checkpoints(os.path.expanduser(s.checkpoints), seed=config.seed)
+    barrier("zsp_generated_inputs")
+
+
+def convert(config: ml_collections.ConfigDict, stages: list[str]) -> dict[str, str]:
+    """Converts the PyTorch checkpoints the selected stages need; returns {field: converted path}."""
+    from zsp_jax.label import checkpoints as K
+    from zsp_jax.label.stage import out_dir_of
+
+    done: dict[str, str] = {}
+    if jax.process_index() == 0:
+        c = config.label
+        if "label" in stages:
+            cache = os.path.join(out_dir_of(config), "checkpoints")
+            if c.sam_checkpoint and not c.sam_checkpoint.endswith(".safetensors"):
+                done["label.sam_checkpoint"] = K.sam_safetensors(c.sam_checkpoint, cache,
+                                                                 allow_custom=c.sam_allow_custom)
+            if c.clip_checkpoint and not c.clip_checkpoint.endswith(".safetensors"):
+                done["label.clip_checkpoint"] = K.clip_safetensors(c.clip_checkpoint, cache,
+                                                                   model_name=c.clip_model_name)
+        if "train" in stages and config.model.get("pretrained") and not config.model.pretrained.endswith(".safetensors"):
+            from zsp_jax.train import state
+
+            done["model.pretrained"] = state.pretrained_safetensors(
+                config.model.pretrained, os.path.abspath(os.path.expanduser(config.workdir)),
+                state.model_config(config))
+    barrier("zsp_convert")
+    return done
+
+
+def build_dataset_once(config: ml_collections.ConfigDict, *, log: Any = print) -> None:
+    """``data.source="tfds"``: process 0 builds (or checks) the ArrayRecord dataset, the others wait for it
+    (two processes building into one folder would collide). TFDS's own messages go to the log file."""
+    import contextlib
+    import logging
+
+    from zsp_jax.data import readers, tfds_builders
+
+    d = config.data
+    if d.source != "tfds":
+        return
+    if jax.process_index() == 0:
+        if not tfds_builders.is_built(d.dataset, os.path.expanduser(d.tfds_dir)):
+            log(f"building the TFDS dataset once in {d.tfds_dir} (every file is checked) ...")
+        layout = readers.make_layout(d.dataset, os.path.expanduser(d.root))
+        sink = _LogWriter(logging.getLogger("tfds"))
+        with contextlib.redirect_stdout(sink):
+            tfds_builders.build(d.dataset, layout.root, os.path.expanduser(d.tfds_dir), on_bad_input=d.on_bad_input)
+    barrier("zsp_tfds_built")
+
+
+class _LogWriter:
+    """A file-like object that sends printed lines to a logger."""
+
+    def __init__(self, logger: Any):
+        self.logger = logger
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            self.logger.info(text.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    from zsp_jax.train import stage as train_stage
+
+    workdir = os.path.abspath(os.path.expanduser(config.workdir))
+    best = train_stage.best_checkpoint(workdir)
+    marker = os.path.join(workdir, f"eval_{config.eval.mode}.json")
+    if best and os.path.isfile(marker):
+        with open(marker) as f:
+            previous = json.load(f)
+        if previous.get("checkpoint_path") == best:
+            return previous
+    result = train_stage.evaluate(config, best)
+    result["checkpoint_path"] = best
+    if jax.process_index() == 0:
+        io.write_json_atomic(marker, result)
+    return result
+
+
+def run(config: ml_collections.ConfigDict, *, log: Any = print) -> dict[str, Any]:
+    """Runs the selected stages; returns the summary (written to ``<workdir>/summary.json``)."""
+    stages = selected(config)
+    workdir = os.path.abspath(os.path.expanduser(config.workdir))
+    os.makedirs(workdir, exist_ok=True)
+    if config.get("synthetic"):
+        prepare_generated(config)
+    problems = preflight.check(config, set(stages))
+    if problems:
+        raise preflight.InputProblems(problems)
+    if "label" in config and not config.label.compile_cache_dir:
+        with config.unlocked():  # one persistent compilation cache for every stage of the run
+            config.label.compile_cache_dir = os.path.join(workdir, "jax_cache")
+    summary: dict[str, Any] = {"workdir": workdir, "stages": stages, "processes": jax.process_count()}
+    if "data" in stages:
+        from zsp_jax.data import stage as data_stage
+
+        log("== stage data: the training input pipeline")
+        summary["data"] = data_stage.run(config)
+    if "convert" in stages:
+        summary["converted"] = convert(config, stages)
+        with config.unlocked():  # later stages read the converted files (no torch needed from here on)
+            for field, path in summary["converted"].items():
+                section, name = field.split(".")
+                config[section][name] = path
+    if "label" in stages:
+        from zsp_jax.label import stage as label_stage
+
+        log("== stage label: zero-shot pseudo labels")
+        result = label_stage.run(config, log=log, progress=jax.process_index() == 0)
+        summary["label"] = {k: result.get(k) for k in ("out_dir", "labels_dir", "manifest", "report", "eval",
+                                                       "labelled_total", "failed_total", "miou")}
+    if stages and set(stages) & {"train"} and config.train.mode == "zsp" and not config.data.get("pseudo_labels"):
+        from zsp_jax.label.stage import labels_dir_of
+
+        with config.unlocked():
+            config.data.pseudo_labels = labels_dir_of(config)
+    if set(stages) & {"train", "eval"} and not (config.get("synthetic") is None and "data" not in config):
+        build_dataset_once(config, log=log)
+    if "train" in stages:
+        from zsp_jax.train import stage as train_stage
+
+        log(f"== stage train: {config.train.mode}")
+        result = train_stage.run(config)
+        summary["train"] = result
+        summary["final_miou"] = result.get("final_miou")
+        summary["best_miou"] = result.get("best_miou")
+    if "eval" in stages:
+        log(f"== stage eval: {config.eval.mode}")
+        result = _evaluate(config)
+        summary["eval"] = {k: result.get(k) for k in ("miou", "checkpoint", "images", "output", "mode")}
+        summary["eval"]["per_class"] = result.get("per_class")
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "summary.json")
+        io.write_json_atomic(path, summary)
+        summary["summary"] = path
+        log(where_everything_is(summary))
+    return summary
+
+
+def where_everything_is(summary: dict[str, Any]) -> str:
+    """The closing lines of a run: every output's location and the mIoU figures."""
+    lines = ["== outputs"]
+    if "label" in summary:
+        s = summary["label"]
+        lines.append(f"   pseudo labels   {s['labels_dir']}  ({s['labelled_total']} images, {s['failed_total']} "
+                     f"unreadable)")
+        if s.get("report"):
+            lines.append(f"   label report    {s['report']}")
+        if s.get("miou") is not None:
+            lines.append(f"   pseudo-label mIoU against ground truth: {s['miou']:.2f} ({s['eval']})")
+    if "train" in summary:
+        t = summary["train"]
+        lines.append(f"   checkpoints     {t.get('checkpoints')}  (best: {t.get('best_checkpoint')})")
+        lines.append(f"   metrics         {t.get('train_metrics')}, {t.get('eval_metrics')}")
+        plots = t.get("plots") or {}
+        if plots:
+            lines.append(f"   plots           {', '.join(plots.values())}")
+        lines.append(f"   TensorBoard     tensorboard --logdir {t.get('tensorboard')}")
+    if "eval" in summary:
+        e = summary["eval"]
+        lines.append(f"   evaluation      {e.get('output')}")
+    final, best = summary.get("final_miou"), summary.get("best_miou")
+    if final is not None or best is not None or "eval" in summary:
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(f"   mIoU: final {fmt(final)}, best {fmt(best)}"
+                     + (f", evaluated best checkpoint {fmt(summary['eval'].get('miou'))}" if "eval" in summary else ""))
+    lines.append(f"   summary         {summary.get('summary', os.path.join(summary['workdir'], 'summary.json'))}")
+    return "\n".join(lines)
