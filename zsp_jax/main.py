@@ -25,6 +25,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from zsp_jax import preflight, runtime, stages
     from zsp_jax.label.checkpoints import CheckpointError
+    from zsp_jax.train.stage import TrainingDiverged
 
     config = _CONFIG.value
     d = config.get("distributed")
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> None:
     runtime.quiet_other_processes(log_file)
     try:
         stages.run(config)
-    except (preflight.InputProblems, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (preflight.InputProblems, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -25,6 +25,19 @@ import os
 from typing import Any
 
 MODES = ("auto", "on", "off")
+
+
+def default_distributed_config() -> Any:
+    """The ``distributed`` section of the configs (README "Several processes and hosts")."""
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.mode = "auto"                  # auto: when set below or a cluster is detected | on | off
+    c.coordinator_address = ""       # host:port of process 0 (explicit launch)
+    c.num_processes = 1
+    c.process_id = 0
+    c.local_device_ids = ""          # e.g. "0,1": the devices this process uses ("" = all)
+    return c
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 

@@ -26,7 +26,10 @@ def _pipe(split4, **kw):
 
 
 def _names(pipe, start, count):
-    return [tuple(r["name"] for r in pipe.records[k]) for k in range(start, start + count)]
+    """Record names of this process's local elements start .. start + count (batch-major)."""
+    b = pipe.batch_size
+    return [tuple(r["name"] for r in pipe.records[pipe.element_index(k // b, k % b)])
+            for k in range(start, start + count)]
 
 
 def test_epochs_follow_unimatch_and_two_processes_cover_every_element_once(split4):
@@ -45,10 +48,38 @@ def test_epochs_follow_unimatch_and_two_processes_cover_every_element_once(split
         assert set(lab) == set(lab_src.names) and set(lab.values()) == {n_u // n_l}  # labelled repeated to n_u
         orders.append(unl)
     assert orders[0] != orders[1]  # a new shuffle each epoch
-    # The processes' elements are disjoint and each is what the single-process stream holds at p, p + P, ...
+    # Process p's batch t is rows [p b, (p + 1) b) of the single-process batch t.
     single = _pipe(split4)
     flat = _names(single, 0, 2 * per_process)
-    assert _names(shards[1], 0, per_process) == flat[1::2]
+    b = shards[1].batch_size
+    assert _names(shards[1], 0, per_process) == [flat[t * BATCH + b + i] for t in range(per_process // b)
+                                                 for i in range(b)]
+
+
+def _batches(pipe, n):
+    it = iter(pipe)
+    out = [next(it) for _ in range(n)]
+    if hasattr(it, "close"):
+        it.close()
+    return out
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_global_batch_is_the_same_for_any_process_and_worker_count(split4):
+    """The batches of 2 processes side by side, with 0 or 2 workers, are the single-process batches."""
+    single = _batches(_pipe(split4), 4)
+    for workers in (0, 2):
+        parts = [_batches(_pipe(split4, shard=grain.sharding.ShardOptions(p, 2), workers=workers), 4)
+                 for p in range(2)]
+        for t in range(4):
+            joined = jax.tree.map(lambda *xs: np.concatenate(xs), parts[0][t], parts[1][t])
+            _assert_trees_equal(joined, single[t])
+    _assert_trees_equal(_batches(_pipe(split4, workers=2), 4), single)
 
 
 def test_batches_static_shapes_and_finalize(split4):

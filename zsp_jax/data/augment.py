@@ -7,6 +7,8 @@ Weak (labelled and unlabelled images; runs in the Grain workers):
      rounding; image bilinear (PIL, which low-pass filters when shrinking), mask nearest.
   2. crop: pad right/bottom to ``size`` (image 0, labelled mask 255, unlabelled padding marked
      in the ignore mask), then a uniform random ``size x size`` crop.
+  An unlabelled image's pseudo-label map (``unlabeled_weak_view``) goes through the same resize
+  (nearest), crop and flip as the image.
   3. horizontal flip with p = 0.5.
 
 Strong (each of the two strong views of an unlabelled image, independently):
@@ -36,6 +38,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from zsp_jax.data.decode import IGNORE_LABEL
 
 SCALE_RANGE = (0.5, 2.0)
+PAD_MARK = 254  # the reference pads unlabelled masks with 254 and turns it into the ignore mask
 JITTER_P, GRAY_P, BLUR_P, CUTMIX_P = 0.8, 0.2, 0.5, 0.5
 JITTER = (0.5, 0.5, 0.5, 0.25)  # brightness, contrast, saturation, hue
 SIGMA_RANGE = (0.1, 2.0)
@@ -83,29 +86,52 @@ def pad_crop(image: np.ndarray, mask: np.ndarray, size: int, mask_fill: int,
     return image[y:y + size, x:x + size], mask[y:y + size, x:x + size]
 
 
-def weak_view(image: np.ndarray, mask: np.ndarray | None, size: int,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def weak_view(image: np.ndarray, mask: np.ndarray | None, size: int, rng: np.random.Generator, *,
+              mask_fill: int = IGNORE_LABEL) -> tuple[np.ndarray, np.ndarray]:
     """Resize, crop with padding, flip.
 
     Args:
       image: uint8 (H, W, 3).
-      mask: uint8 (H, W) class indices for labelled data; None for unlabelled data.
+      mask: uint8 (H, W) class indices (a labelled mask, or a pseudo-label map); None for an
+        unlabelled image without labels.
       size: crop size S.
       rng: the element's generator.
+      mask_fill: the value the mask is padded with (255 = ignore for labelled masks; see
+        ``unlabeled_weak_view`` for the reference's 254 padding mark).
 
     Returns:
-      image uint8 (S, S, 3) and, for labelled data, the mask uint8 (S, S) with 255 on padding;
-      for unlabelled data the ignore mask uint8 (S, S): 255 on padding, 0 elsewhere.
+      image uint8 (S, S, 3) and, with a mask, the mask uint8 (S, S) padded with ``mask_fill``;
+      without one, the ignore mask uint8 (S, S): 255 on padding, 0 elsewhere.
     """
     h, w = image.shape[:2]
     oh, ow = rescale_size(h, w, sample_long_side(h, w, rng))
-    labeled = mask is not None
-    carrier = mask if labeled else np.zeros((h, w), np.uint8)
+    carrier = mask if mask is not None else np.zeros((h, w), np.uint8)
     image, carrier = resize(image, carrier, oh, ow)
-    image, carrier = pad_crop(image, carrier, size, IGNORE_LABEL, rng)
+    image, carrier = pad_crop(image, carrier, size, mask_fill, rng)
     if rng.random() < 0.5:
         image, carrier = image[:, ::-1], carrier[:, ::-1]
     return np.ascontiguousarray(image), np.ascontiguousarray(carrier)
+
+
+def unlabeled_weak_view(image: np.ndarray, pseudo_label: np.ndarray | None, size: int, rng: np.random.Generator
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The weak view of an unlabelled image and (if given) of its pseudo-label map, geometrically aligned.
+
+    As the reference, the map is padded with ``PAD_MARK`` (254, never a class index: labels are
+    < num_classes <= 81 or 255), resized nearest, cropped and flipped with the image; the
+    padding becomes the ignore mask, so "padding" (ignore_mask 255) stays distinct from
+    "uncovered" (pseudo label 255) and the random draws are those of ``weak_view(image, None)``.
+
+    Returns:
+      (image uint8 (S, S, 3), ignore_mask uint8 (S, S) with 255 on padding else 0,
+      pseudo label uint8 (S, S) with 255 on padding and uncovered pixels, or None).
+    """
+    carrier = pseudo_label if pseudo_label is not None else np.zeros(image.shape[:2], np.uint8)
+    img, carrier = weak_view(image, carrier, size, rng, mask_fill=PAD_MARK)
+    padding = carrier == PAD_MARK
+    ignore = np.where(padding, IGNORE_LABEL, 0).astype(np.uint8)
+    label = np.where(padding, IGNORE_LABEL, carrier).astype(np.uint8) if pseudo_label is not None else None
+    return img, ignore, label
 
 
 # -------------------------------------------------------------------------------------------- strong

@@ -1,6 +1,7 @@
 """Start-up checks of the config fields the data layer reads; every error names its field.
 
-Fields (see ``configs/voc.py`` for their meaning): ``seed``, ``workdir``, ``data.*``,
+Fields (see ``configs/voc.py`` for their meaning): ``seed``, ``workdir``, ``data.*``
+(``data.pseudo_labels`` is checked by ``validate_pseudo_labels`` when a mode needs it),
 ``train.*`` (UniMatch's optimisation settings, checked here so that a bad value stops a run at
 start-up), ``data_stage.*`` and, for generated data, ``synthetic.*``.
 """
@@ -18,7 +19,9 @@ from zsp_jax.data.classes import NUM_CLASSES
 
 SOURCES = ("tfds", "folder")
 STRONG_AUG = ("device", "host")
-_SPLIT_NAME = re.compile(r"^(\d+|1_\d+)$")
+# Any directory name under data.splits_dir: counts ("92"), fractions ("1_16") and UniMatch's
+# published lists ("u2pl_1_16") alike.
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def _fail(name: str, value: object, why: str) -> None:
@@ -38,7 +41,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if d.num_classes != NUM_CLASSES[d.dataset]:
         _fail("data.num_classes", d.num_classes, f"{d.dataset} has {NUM_CLASSES[d.dataset]} classes")
     if not _SPLIT_NAME.match(str(d.split)):
-        _fail("data.split", d.split, f"expected a count ('92') or a fraction ('1_16'); standard {d.dataset} "
+        _fail("data.split", d.split, f"expected the name of a split directory under data.splits_dir (a count "
+                                     f"'92', a fraction '1_16', or UniMatch's 'u2pl_1_16'); standard {d.dataset} "
                                      f"splits: {list(splits.SPLITS[d.dataset])}")
     check_range("data.workers", d.workers, 0, 256)
     check_range("data.read_threads", d.read_threads, 1, 256)
@@ -58,6 +62,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check_range("synthetic.num_train", s.num_train, 2, None)
         check_range("synthetic.num_val", s.num_val, 0, None)
         check_range("synthetic.min_size", s.min_size, 8, s.max_size)
+        try:
+            splits.labeled_count(str(d.split), s.num_train)
+        except ValueError as e:
+            _fail("data.split", d.split, f"generated data makes its own split: {e}")
         return
     if not os.path.isdir(os.path.expanduser(d.root)):
         _fail("data.root", d.root, "no such directory (the dataset root: VOCdevkit/VOC2012 for voc, the folder "
@@ -71,3 +79,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                          f"UniMatch's splits/{'pascal' if d.dataset == 'voc' else 'coco'} directory")
     if d.unlabeled_dir and not os.path.isdir(os.path.expanduser(d.unlabeled_dir)):
         _fail("data.unlabeled_dir", d.unlabeled_dir, "no such directory")
+
+
+def validate_pseudo_labels(config: ml_collections.ConfigDict) -> None:
+    """Checks ``data.pseudo_labels`` names an existing folder (run after the labeller has written it)."""
+    labels = config.data.get("pseudo_labels", "")
+    if not labels:
+        _fail("data.pseudo_labels", labels, "training mode 'zsp' needs the folder of the labeller's pseudo-label "
+                                            "maps (<label out_dir>/labels/<image path>.png): run the label stage "
+                                            "first (zsp_jax.main fills this field from its output) or set it")
+    if not os.path.isdir(os.path.expanduser(labels)):
+        _fail("data.pseudo_labels", labels, "no such directory (the labeller's folder of pseudo-label maps, "
+                                            "<label out_dir>/labels; run the label stage first)")

@@ -119,6 +119,19 @@ def decode_mask(data: bytes, path: str = "<bytes>", *, num_classes: int | None =
     return out
 
 
+def image_size(path: str, *, exif: bool = False) -> tuple[int, int]:
+    """(H, W) of an image file read from its header only (no pixel decode); with ``exif``, as
+    displayed after the EXIF orientation. Raises ``BadInputError`` naming the file."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if exif and img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # the orientations that transpose
+                w, h = h, w
+    except OSError as e:
+        raise BadInputError(path, f"cannot read the image header: {e}") from e
+    return h, w
+
+
 def check_labels(mask: np.ndarray, num_classes: int, path: str = "<mask>") -> None:
     """Raises ``BadInputError`` if ``mask`` (uint8) holds a value >= num_classes other than 255."""
     counts = np.bincount(mask.reshape(-1), minlength=256)

@@ -284,6 +284,19 @@ def normalize(x: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) / 255.0 - mean) / std
 
 
+_UNLABELED_HOST_KEYS = frozenset({"image", "ignore_mask", "pseudo_label", "seed", "image_s1", "image_s2",
+                                  "cutmix_box1", "cutmix_box2"})
+_LABELED_HOST_KEYS = frozenset({"image", "mask"})
+
+
+def _check_keys(name: str, got: Any, allowed: frozenset[str]) -> None:
+    """Unknown keys are an error, not silently dropped: a new field must be converted on purpose."""
+    unknown = sorted(set(got) - allowed)
+    if unknown:
+        raise ValueError(f"finalize: batch[{name!r}] has keys {unknown} it does not know how to convert "
+                         f"(known: {sorted(allowed)})")
+
+
 def _finalize_unlabeled(streams: list[dict[str, jax.Array]]) -> list[dict[str, jax.Array]]:
     size = streams[0]["image"].shape[1]
     on_device = [u for u in streams if "image_s1" not in u]
@@ -305,8 +318,11 @@ def _finalize_unlabeled(streams: list[dict[str, jax.Array]]) -> list[dict[str, j
         else:  # strong views made on the host
             s1, s2 = u["image_s1"], u["image_s2"]
             box1, box2 = u["cutmix_box1"].astype(bool), u["cutmix_box2"].astype(bool)
-        out.append({"image_w": normalize(u["image"]), "image_s1": normalize(s1), "image_s2": normalize(s2),
-                    "ignore_mask": u["ignore_mask"].astype(jnp.int32), "cutmix_box1": box1, "cutmix_box2": box2})
+        res = {"image_w": normalize(u["image"]), "image_s1": normalize(s1), "image_s2": normalize(s2),
+               "ignore_mask": u["ignore_mask"].astype(jnp.int32), "cutmix_box1": box1, "cutmix_box2": box2}
+        if "pseudo_label" in u:
+            res["pseudo_label"] = u["pseudo_label"].astype(jnp.int32)
+        out.append(res)
     return out
 
 
@@ -315,21 +331,31 @@ def finalize(batch: dict[str, Any]) -> dict[str, Any]:
 
     Input (``pipeline.TrainPipeline`` batches; B per process, S the crop size):
       ``labeled``: ``image`` uint8 (B, S, S, 3), ``mask`` uint8 (B, S, S);
-      ``unlabeled`` and ``unlabeled_mix``: ``image`` uint8 (B, S, S, 3) weak view, ``ignore_mask``
-      uint8 (B, S, S) (255 = padding), and either ``seed`` uint32 (B,) (strong views made here) or
-      ``image_s1``/``image_s2`` uint8 (B, S, S, 3) with ``cutmix_box1``/``cutmix_box2`` uint8 (B, S, S).
+      ``unlabeled`` and ``unlabeled_mix`` (absent in supervised runs): ``image`` uint8 (B, S, S, 3)
+      weak view, ``ignore_mask`` uint8 (B, S, S) (255 = padding), optionally ``pseudo_label`` uint8
+      (B, S, S) (the zero-shot label of the weak view, 255 = uncovered or padding), and either
+      ``seed`` uint32 (B,) (strong views made here) or ``image_s1``/``image_s2`` uint8 (B, S, S, 3)
+      with ``cutmix_box1``/``cutmix_box2`` uint8 (B, S, S).
 
     Output:
       ``labeled``: ``image`` float32 (B, S, S, 3) normalised, ``mask`` int32 (B, S, S) (255 = ignore);
       ``unlabeled`` and ``unlabeled_mix``: ``image_w``, ``image_s1``, ``image_s2`` float32 (B, S, S, 3),
       ``ignore_mask`` int32 (B, S, S) (255 on padding, else 0), ``cutmix_box1``, ``cutmix_box2``
-      bool (B, S, S).
+      bool (B, S, S), and ``pseudo_label`` int32 (B, S, S) when given. The strong views share the
+      weak view's geometry, so the weak view's pseudo label is theirs too.
+
+    Raises:
+      ValueError: a key this function does not know (rather than dropping it silently).
     """
+    _check_keys("batch", batch, frozenset({"labeled", "unlabeled", "unlabeled_mix"}))
+    _check_keys("labeled", batch["labeled"], _LABELED_HOST_KEYS)
     out = {"labeled": {"image": normalize(batch["labeled"]["image"]),
                        "mask": batch["labeled"]["mask"].astype(jnp.int32)}}
     keys = [k for k in ("unlabeled", "unlabeled_mix") if k in batch]
-    for k, v in zip(keys, _finalize_unlabeled([batch[k] for k in keys])):
-        out[k] = v
+    for k in keys:
+        _check_keys(k, batch[k], _UNLABELED_HOST_KEYS)
+    if keys:  # supervised batches carry the labelled stream only
+        out.update(zip(keys, _finalize_unlabeled([batch[k] for k in keys])))
     return out
 
 

@@ -16,11 +16,17 @@ Training (``TrainPipeline``), following UniMatch's loaders:
   uint32 ``seed`` per unlabelled view for ``device_augment.finalize``.
 * Randomness: Grain's per-element generator, seeded by (seed, global element index): the same
   element gets the same augmentation whatever the worker count, process count or restart.
-* Sharding by JAX process: process p takes global elements p, p + P, ... (after the per-epoch
-  truncation to a multiple of the global batch), so the processes together see every element of
-  an epoch exactly once, like torch's DistributedSampler.
-* Workers: ``mp_prefetch`` worker processes each make whole batches; ``read_threads`` threads per
-  process run the per-element work (PIL releases the GIL while decoding and resizing).
+* Batches: global batch t is elements [t G, (t + 1) G) of the zipped stream (G =
+  ``global_batch_size``); process p of P takes the contiguous rows [p G/P, (p + 1) G/P) of it,
+  which is what ``jax.make_array_from_process_local_data`` expects when the mesh lists devices
+  by process. So the global batch, and therefore training, is the same for any process count
+  and any worker count; the processes together see every element of an epoch exactly once.
+* Workers: ``mp_prefetch`` worker processes each make whole batches (batches are formed
+  before the work is divided); ``read_threads`` threads per process make batches concurrently
+  (PIL releases the GIL while decoding and resizing).
+* Pseudo labels: an unlabelled source wrapped in ``pseudo_labels.WithPseudoLabels`` carries
+  each image's label map, which gets the image's geometric augmentation (nearest) in the weak
+  view and in the mix view; its padding is marked in ``ignore_mask``, apart from 255 = uncovered.
 * Checkpointing: the iterator's ``get_state()``/``set_state()`` (a small JSON-able dict) resumes
   at the same element; ``save_state``/``restore_state`` write and read it atomically.
 
@@ -34,6 +40,8 @@ import json
 import logging
 import math
 import os
+import threading
+import time
 from typing import Any
 
 import grain
@@ -55,52 +63,112 @@ def _plain_arrays(batch: Any) -> Any:
     return jax.tree.map(np.array, batch)
 
 
+def _blank_unlabeled(size: int, with_label: bool) -> dict[str, np.ndarray]:
+    """An unlabelled element that adds nothing to any loss: a black crop whose every pixel is padding."""
+    out = {"image": np.zeros((size, size, 3), np.uint8), "ignore_mask": np.full((size, size), 255, np.uint8)}
+    if with_label:
+        out["pseudo_label"] = np.full((size, size), 255, np.uint8)
+    return out
+
+
 class TrainTransform:
     """Per-element work of the training stream (picklable, runs in Grain workers/threads).
 
     ``__call__((labelled record, unlabelled record[, mix record]), rng)`` returns the element dict
-    documented in ``device_augment.finalize`` (without the batch axis), or None to drop the
-    element (a file that fails to decode with ``on_bad_input="skip"``; files are checked before
-    training, so this only happens if they change on disk during a run).
+    documented in ``device_augment.finalize`` (without the batch axis). Unlabelled records with a
+    ``pseudo_label`` entry (``pseudo_labels.WithPseudoLabels``) also give ``pseudo_label`` uint8
+    (S, S) for the view and for the mix view, augmented with the image.
+
+    A file that fails to decode (files are checked before training, so only one that changed on
+    disk during the run) raises with ``on_bad_input="error"``; with ``"skip"`` that part of the
+    element is replaced by a blank crop whose every target is ignore (labelled mask 255,
+    unlabelled ignore mask 255), so batches keep their size and composition and the broken
+    image adds nothing to the losses.
     """
 
     def __init__(self, crop_size: int, *, num_classes: int, strong_on_host: bool = False,
-                 exif_labeled: bool = False, exif_unlabeled: bool = False, on_bad_input: str = "error"):
+                 exif_labeled: bool = False, exif_unlabeled: bool = False, on_bad_input: str = "error",
+                 with_unlabeled: bool = True):
         self.crop_size = crop_size
         self.num_classes = num_classes
         self.strong_on_host = strong_on_host
         self.exif_labeled = exif_labeled
         self.exif_unlabeled = exif_unlabeled
         self.on_bad_input = bad_input.check_policy(on_bad_input)
+        self.with_unlabeled = with_unlabeled
 
-    def _unlabeled_view(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        img, ignore = augment.weak_view(image, None, self.crop_size, rng)
-        out = {"image": img, "ignore_mask": ignore}
+    def _strong(self, view: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         if self.strong_on_host:
-            out["image_s1"], out["cutmix_box1"] = augment.strong_view(img, rng)
-            out["image_s2"], out["cutmix_box2"] = augment.strong_view(img, rng)
+            view["image_s1"], view["cutmix_box1"] = augment.strong_view(view["image"], rng)
+            view["image_s2"], view["cutmix_box2"] = augment.strong_view(view["image"], rng)
         else:
-            out["seed"] = np.uint32(rng.integers(0, 2**32, dtype=np.uint64))
-        return out
+            view["seed"] = np.uint32(rng.integers(0, 2**32, dtype=np.uint64))
+        return view
 
-    def __call__(self, element: tuple[dict[str, Any], ...], rng: np.random.Generator) -> dict[str, Any] | None:
+    def _unlabeled_view(self, decoded: tuple[np.ndarray, np.ndarray | None] | None, with_label: bool,
+                        rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if decoded is None:
+            view = _blank_unlabeled(self.crop_size, with_label)
+        else:
+            img, ignore, label = augment.unlabeled_weak_view(decoded[0], decoded[1], self.crop_size, rng)
+            view = {"image": img, "ignore_mask": ignore}
+            if label is not None:
+                view["pseudo_label"] = label
+        return self._strong(view, rng)
+
+    def _decode(self, rec: dict[str, Any], labeled: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """(image, mask or pseudo label) of a record; None for a bad file under ``on_bad_input="skip"``."""
         try:
-            lab_img, lab_mask = _decode_pair(element[0], self.exif_labeled, self.num_classes)
-            if lab_mask is None:
-                raise bad_input.BadInputError(element[0]["name"], "labelled example has no mask")
-            unl_img, _ = _decode_pair({**element[1], "mask": b""}, self.exif_unlabeled, None)
-            mix_img = unl_img
-            if len(element) > 2:
-                mix_img, _ = _decode_pair({**element[2], "mask": b""}, self.exif_unlabeled, None)
+            if labeled:
+                img, mask = _decode_pair(rec, self.exif_labeled, self.num_classes)
+                if mask is None:
+                    raise bad_input.BadInputError(rec["name"], "labelled example has no mask")
+                return img, mask
+            label_bytes = rec.get("pseudo_label")
+            img, label = decode.decode_pair(rec["image"], label_bytes, rec["name"],
+                                            rec.get("pseudo_label_path", rec["name"] + " (pseudo label)"),
+                                            exif=self.exif_unlabeled, num_classes=self.num_classes)
+            if label_bytes is not None and label is None:
+                raise bad_input.BadInputError(rec.get("pseudo_label_path", rec["name"]), "empty pseudo-label file")
+            return img, label
         except bad_input.BadInputError as e:
             if self.on_bad_input == "error":
                 raise
-            log.warning("skipping bad input during training: %s", e)
+            log.warning("blanking a bad input during training (it adds nothing to the losses): %s", e)
             return None
-        img, mask = augment.weak_view(lab_img, lab_mask, self.crop_size, rng)
-        return {"labeled": {"image": img, "mask": mask},
-                "unlabeled": self._unlabeled_view(unl_img, rng),
-                "unlabeled_mix": self._unlabeled_view(mix_img, rng)}
+
+    def __call__(self, element: tuple[dict[str, Any], ...], rng: np.random.Generator) -> dict[str, Any]:
+        lab = self._decode(element[0], labeled=True)
+        if lab is None:
+            img = np.zeros((self.crop_size, self.crop_size, 3), np.uint8)
+            mask = np.full((self.crop_size, self.crop_size), 255, np.uint8)
+        else:
+            img, mask = augment.weak_view(lab[0], lab[1], self.crop_size, rng)
+        out: dict[str, Any] = {"labeled": {"image": img, "mask": mask}}
+        if not self.with_unlabeled:
+            return out
+        with_label = "pseudo_label" in element[1]
+        unl = self._decode(element[1], labeled=False)
+        mix = self._decode(element[2], labeled=False) if len(element) > 2 else unl
+        out["unlabeled"] = self._unlabeled_view(unl, with_label, rng)
+        out["unlabeled_mix"] = self._unlabeled_view(mix, with_label, rng)
+        return out
+
+
+def exit_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
+    """Grain worker set-up: the worker exits when the process that started it is gone.
+
+    A training process killed with SIGKILL cannot stop its workers, which would otherwise stay
+    blocked on their output queues holding memory (and the job's stdout) forever.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class TrainPipeline:
@@ -108,24 +176,28 @@ class TrainPipeline:
 
     Args:
       labeled / unlabeled: Grain random-access sources of records (``sources.FileSource`` or
-        ``sources.TfdsSource``); labelled records carry a mask.
+        ``sources.TfdsSource``); labelled records carry a mask; unlabelled records may carry a
+        pseudo label (``pseudo_labels.WithPseudoLabels``).
       crop_size: S; every batch array is (B, S, S, ...).
       global_batch_size: labelled (= unlabelled) images per step over all processes.
       seed: fixes shuffles and augmentations.
-      num_classes: labelled masks must hold values < num_classes or 255.
+      num_classes: labelled masks and pseudo labels must hold values < num_classes or 255.
       shard: which part this process reads; default: by JAX process.
       workers: Grain worker processes (0: work in this process).
-      read_threads: threads per process for the per-element work.
+      read_threads: threads per process making batches.
       strong_on_host: make strong views with PIL in the workers instead of on the device.
       mix_same_images: see the module docstring.
       exif_labeled / exif_unlabeled: apply EXIF orientation when decoding (plain folders).
       on_bad_input: "error" or "skip", for files that fail while training.
+      with_unlabeled: False: labelled images only (supervised training; the epoch length is still
+        ``n_u // global_batch``, so every mode counts steps alike).
     """
 
     def __init__(self, labeled: Any, unlabeled: Any, *, crop_size: int, global_batch_size: int, seed: int,
                  num_classes: int, shard: grain.sharding.ShardOptions | None = None, workers: int = 0,
                  read_threads: int = 2, strong_on_host: bool = False, mix_same_images: bool = True,
-                 exif_labeled: bool = False, exif_unlabeled: bool = False, on_bad_input: str = "error"):
+                 exif_labeled: bool = False, exif_unlabeled: bool = False, on_bad_input: str = "error",
+                 with_unlabeled: bool = True):
         shard = shard or grain.sharding.ShardByJaxProcess(drop_remainder=True)
         self.shard_index, self.shard_count = shard.shard_index, shard.shard_count
         n_l, n_u = len(labeled), len(unlabeled)
@@ -153,25 +225,34 @@ class TrainPipeline:
 
         # Distinct derived seeds per stream; the augmentation seed is separate again.
         seeds = np.random.SeedSequence(seed).generate_state(4)
-        parts = [stream(labeled, int(seeds[0]), repeat_to=n_u), stream(unlabeled, int(seeds[1]))]
-        if not mix_same_images:
-            parts.append(stream(unlabeled, int(seeds[2])))
-        zipped = grain.experimental.ZipMapDataset(parts)
-        # This process's raw records, element k = (labelled, unlabelled[, mix]) (tests, inspection).
-        self.records = zipped[self.shard_index::self.shard_count]
-        ds = zipped.random_map(TrainTransform(crop_size, num_classes=num_classes, strong_on_host=strong_on_host,
-                                          exif_labeled=exif_labeled, exif_unlabeled=exif_unlabeled,
-                                          on_bad_input=on_bad_input), seed=int(seeds[3]))
-        ds = ds[self.shard_index::self.shard_count]
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                  prefetch_buffer_size=max(2 * self.batch_size, 4)))
-        it = it.batch(self.batch_size, drop_remainder=True)
+        parts = [stream(labeled, int(seeds[0]), repeat_to=n_u)]
+        if with_unlabeled:
+            parts.append(stream(unlabeled, int(seeds[1])))
+            if not mix_same_images:
+                parts.append(stream(unlabeled, int(seeds[2])))
+        # Global element k = (labelled k, unlabelled k[, mix k]); global batch t = elements [t G, (t + 1) G).
+        self.records = grain.experimental.ZipMapDataset(parts)
+        ds = self.records.random_map(
+            TrainTransform(crop_size, num_classes=num_classes, strong_on_host=strong_on_host,
+                           exif_labeled=exif_labeled, exif_unlabeled=exif_unlabeled, on_bad_input=on_bad_input,
+                           with_unlabeled=with_unlabeled), seed=int(seeds[3]))
+        # Batches are made before the per-process slice and before the workers: process p takes
+        # batch t's contiguous rows [p b, (p + 1) b), and each worker makes whole batches, so a
+        # global batch is the same whatever the process or worker count (a worker count that
+        # divided elements among workers would interleave them differently per count).
+        ds = ds.batch(self.batch_size, drop_remainder=True)[self.shard_index::self.shard_count]
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(read_threads, 2)))
         if workers > 0:
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+                                worker_init_fn=exit_with_parent)
             # Batches arrive in shared memory that Grain frees asynchronously; plain copies (a few
             # MB per batch) keep device transfers (zero-copy on CPU) and shutdown clean.
             it = it.map(_plain_arrays)
         self.dataset = it
+
+    def element_index(self, local_step: int, row: int) -> int:
+        """The global element index of row ``row`` of this process's batch number ``local_step``."""
+        return (local_step * self.shard_count + self.shard_index) * self.batch_size + row
 
     def __iter__(self) -> grain.DatasetIterator:
         return iter(self.dataset)

@@ -56,13 +56,18 @@ def _stat_key(path: str | None) -> list | None:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _cache_key(ex: Example, num_classes: int | None, exif: bool) -> str:
-    return json.dumps([ex.image, ex.mask, _stat_key(ex.image), _stat_key(ex.mask), num_classes, exif])
+def _cache_key(ex: Example, num_classes: int | None, exif: bool, kind: str) -> str:
+    key = [ex.image, ex.mask, _stat_key(ex.image), _stat_key(ex.mask), num_classes, exif]
+    return json.dumps(key if kind == "example" else key + [kind])
+
+
+Check = Callable[[Example, "int | None", bool], tuple[int, int]]
 
 
 def scan_examples(examples: Sequence[Example], *, num_classes: int | None, exif: bool = False,
                   threads: int | None = None, cache_path: str | None = None,
-                  progress: Callable[[int], None] | None = None) -> ScanResult:
+                  progress: Callable[[int], None] | None = None, check: Check = check_example,
+                  kind: str = "example") -> ScanResult:
     """Validates ``examples``; returns the good ones, the problems and the image sizes.
 
     Args:
@@ -72,6 +77,10 @@ def scan_examples(examples: Sequence[Example], *, num_classes: int | None, exif:
       threads: decoding threads (default: the number of CPU cores).
       cache_path: a JSON file that remembers earlier results of unchanged files.
       progress: called with the number of examples finished since the last call.
+      check: ``(example, num_classes, exif) -> (H, W)``, raising ``BadInputError``; default
+        ``check_example`` (full decode of image and mask).
+      kind: names ``check`` in the cache, so that different checks of the same files do not
+        share results.
     """
     cache: dict[str, list] = {}
     if cache_path and os.path.isfile(cache_path):
@@ -82,7 +91,7 @@ def scan_examples(examples: Sequence[Example], *, num_classes: int | None, exif:
                 cache = blob["entries"]
         except (OSError, ValueError, KeyError):
             cache = {}
-    keys = [_cache_key(e, num_classes, exif) for e in examples]
+    keys = [_cache_key(e, num_classes, exif, kind) for e in examples]
     results: list[tuple[int, int] | str | None] = [None] * len(examples)
     todo = []
     for i, k in enumerate(keys):
@@ -97,7 +106,7 @@ def scan_examples(examples: Sequence[Example], *, num_classes: int | None, exif:
     def work(i: int) -> tuple[int, tuple[int, int] | str, str]:
         ex = examples[i]
         try:
-            return i, check_example(ex, num_classes, exif), ""
+            return i, check(ex, num_classes, exif), ""
         except BadInputError as e:
             return i, e.reason, e.path
 

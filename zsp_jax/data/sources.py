@@ -9,6 +9,7 @@ Sources must pickle (Grain sends them to worker processes): they hold paths, not
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,10 @@ import numpy as np
 from zsp_jax.data.readers import Example
 
 Record = dict[str, Any]
+
+# Grain's prefetch threads open sources concurrently on first access; TFDS's first import is lazy
+# (etils lazy modules) and two threads importing it at once deadlock, so sources open one at a time.
+_OPEN_LOCK = threading.Lock()
 
 
 class FileSource:
@@ -60,9 +65,11 @@ class TfdsSource:
 
     def _open(self):
         if self._source is None:
-            import tensorflow_datasets as tfds
+            with _OPEN_LOCK:
+                if self._source is None:
+                    import tensorflow_datasets as tfds
 
-            self._source = tfds.builder_from_directory(self._data_dir).as_data_source(split=self._split)
+                    self._source = tfds.builder_from_directory(self._data_dir).as_data_source(split=self._split)
         return self._source
 
     def __getstate__(self) -> dict[str, Any]:

@@ -5,6 +5,8 @@ Steps (each skips work already done, so a killed run resumes cheaply):
 1. generated data (``config.synthetic``): write the VOC-layout dataset and the split if absent;
 2. ``data.source="tfds"``: build the ArrayRecord dataset once (every file checked while
    building); ``"folder"``: check every listed file (cached in ``<workdir>/input_scan.json``);
+   ``data.pseudo_labels`` (the label stage's maps), when that folder exists already, is checked
+   and carried through the pipeline; before the label stage has run it is left out;
 3. bad inputs: stop with every bad file named (``on_bad_input="error"``) or leave them out and
    write ``<workdir>/bad_input.json`` (``"skip"``);
 4. iterate ``data_stage.num_batches`` batches of the training input (labelled + unlabelled +
@@ -28,7 +30,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from zsp_jax.data import bad_input, config as data_config, device_augment, pipeline, preview, readers, scan, sources
+from zsp_jax.data import bad_input, config as data_config, decode, device_augment, pipeline, preview, readers, scan
+from zsp_jax.data import sources
+from zsp_jax.data import pseudo_labels as pseudo_label_io
 from zsp_jax.data import splits, synthetic, tfds_builders
 from zsp_jax.utils import io
 
@@ -37,11 +41,19 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class TrainingSources:
+    """The training split as Grain sources, after the bad-input checks.
+
+    ``unlabeled`` carries pseudo labels (``pseudo_labels.WithPseudoLabels``) when they were asked
+    for; ``unlabeled_examples`` are the unlabelled ``Example``s in source order (for relabelling).
+    """
+
     labeled: Any
     unlabeled: Any
     problems: list[bad_input.Problem]
     exif_unlabeled: bool
     origin: str
+    unlabeled_examples: list[readers.Example] = dataclasses.field(default_factory=list)
+    pseudo_labels: str = ""
 
 
 def prepare_synthetic(config: ml_collections.ConfigDict) -> None:
@@ -64,12 +76,48 @@ def _scan(examples: list[readers.Example], what: str, config: ml_collections.Con
     return res.good, res.problems
 
 
-def training_sources(config: ml_collections.ConfigDict) -> TrainingSources:
+def _tfds_subset(config: ml_collections.ConfigDict, layout: readers.Layout, which: int
+                 ) -> tuple[str, str, dict[str, int], dict[str, tuple[str, str]]]:
+    """(build directory, subset name, name -> record index, name -> (path, reason) of the files the
+    build left out) of the training (``which`` 0) or evaluation (1) subset; builds it if needed."""
+    d = config.data
+    build = tfds_builders.build(d.dataset, layout.root, os.path.expanduser(d.tfds_dir), on_bad_input=d.on_bad_input)
+    meta = tfds_builders.read_metadata(build)
+    subset = tfds_builders.SUBSETS[d.dataset][which]
+    index = {n: i for i, n in enumerate(meta["names"][subset])}
+    skipped = {name: (path, reason) for name, path, reason in meta["skipped"].get(subset, [])}
+    return build, subset, index, skipped
+
+
+def _in_build(examples: list[readers.Example], build: str, subset: str, index: dict[str, int],
+              skipped: dict[str, tuple[str, str]], problems: list[bad_input.Problem]) -> list[readers.Example]:
+    """The examples that are records of the build; each other one is appended to ``problems`` with why."""
+    out = []
+    for e in examples:
+        if e.name in index:
+            out.append(e)
+        elif e.name in skipped:
+            problems.append(bad_input.Problem(e.name, *skipped[e.name]))
+        elif not os.path.isfile(e.image):
+            problems.append(bad_input.Problem(e.name, e.image, "listed but missing"))
+        else:
+            problems.append(bad_input.Problem(e.name, e.image, f"not in the {subset} split of the TFDS build {build}"))
+    return out
+
+
+def training_sources(config: ml_collections.ConfigDict, *, pseudo_labels: str | None = None) -> TrainingSources:
     """The labelled and unlabelled Grain sources of ``config``'s split, with the bad examples left out.
+
+    Args:
+      config: the run's config (``data.*``).
+      pseudo_labels: a folder of pseudo-label maps to attach to the unlabelled images (default
+        ``config.data.pseudo_labels``; "" for none). Every map is checked first: an unlabelled
+        image whose map is missing, undecodable or mis-sized is bad input.
 
     Raises ``BadInputError`` listing every bad file if ``data.on_bad_input="error"``.
     """
     d = config.data
+    labels_dir = d.get("pseudo_labels", "") if pseudo_labels is None else pseudo_labels
     layout = readers.make_layout(d.dataset, os.path.expanduser(d.root))
     labeled, unlabeled = splits.load_split(layout, os.path.expanduser(d.splits_dir), d.split)
     exif_unlabeled = False
@@ -78,56 +126,115 @@ def training_sources(config: ml_collections.ConfigDict) -> TrainingSources:
         exif_unlabeled = True
     problems: list[bad_input.Problem] = []
     if d.source == "tfds":
-        build = tfds_builders.build(d.dataset, layout.root, os.path.expanduser(d.tfds_dir),
-                                    on_bad_input=d.on_bad_input)
-        meta = tfds_builders.read_metadata(build)
-        subset = tfds_builders.SUBSETS[d.dataset][0]
-        index = {n: i for i, n in enumerate(meta["names"][subset])}
-        skipped = {name: (path, reason) for name, path, reason in meta["skipped"].get(subset, [])}
+        build, subset, index, skipped = _tfds_subset(config, layout, 0)
 
-        def pick(examples: list[readers.Example]) -> list[int]:
-            out = []
-            for e in examples:
-                if e.name in index:
-                    out.append(index[e.name])
-                elif e.name in skipped:
-                    problems.append(bad_input.Problem(e.name, *skipped[e.name]))
-                elif not os.path.isfile(e.image):
-                    problems.append(bad_input.Problem(e.name, e.image, "listed but missing"))
-                else:
-                    problems.append(bad_input.Problem(e.name, e.image, f"not in the {subset} split of the TFDS "
-                                                                       f"build {build}"))
-            return out
+        def pick(examples: list[readers.Example]) -> list[readers.Example]:
+            return _in_build(examples, build, subset, index, skipped, problems)
 
-        lab_src = sources.TfdsSource(build, subset, pick(labeled), labeled=True)
+        good_l = pick(labeled)
         if d.unlabeled_dir:
-            good, bad = _scan(unlabeled, "unlabelled folder", config, True, False)
+            good_u, bad = _scan(unlabeled, "unlabelled folder", config, True, False)
             problems += bad
-            unl_src = sources.FileSource(good)
         else:
-            unl_src = sources.TfdsSource(build, subset, pick(unlabeled), labeled=False)
+            good_u = pick(unlabeled)
+
+        def make_source(examples: list[readers.Example], labeled_: bool) -> Any:
+            if labeled_ or not d.unlabeled_dir:
+                return sources.TfdsSource(build, subset, [index[e.name] for e in examples], labeled=labeled_)
+            return sources.FileSource(examples)
+
         origin = f"TFDS build {build}"
     else:
         good_l, bad_l = _scan(labeled, "labelled images", config, layout.exif, True)
         good_u, bad_u = _scan(unlabeled, "unlabelled images", config, exif_unlabeled or layout.exif, False)
         problems += bad_l + bad_u
-        lab_src, unl_src = sources.FileSource(good_l), sources.FileSource(good_u)
+
+        def make_source(examples: list[readers.Example], labeled_: bool) -> Any:
+            return sources.FileSource(examples)
+
         origin = f"files under {layout.root}" + (f" and {d.unlabeled_dir}" if d.unlabeled_dir else "")
+    if labels_dir:
+        if not os.path.isdir(os.path.expanduser(labels_dir)):
+            raise FileNotFoundError(f"config field data.pseudo_labels={labels_dir!r}: no such directory (the "
+                                    f"labeller's output folder of pseudo-label maps)")
+        bar = tqdm.tqdm(total=len(good_u), desc="checking pseudo labels", unit="img", leave=False)
+        ok, bad = pseudo_label_io.check_pseudo_labels(
+            good_u, labels_dir, num_classes=d.num_classes, exif=exif_unlabeled or layout.exif,
+            cache_path=os.path.join(config.workdir, "input_scan.json"), progress=bar.update)
+        bar.close()
+        problems += bad
+        ok_names = set(ok)
+        good_u = [e for e in good_u if e.name in ok_names]
+        origin += f", pseudo labels from {labels_dir}"
     if d.on_bad_input == "error":
         bad_input.raise_for(problems, f"split {d.split}")
-    return TrainingSources(lab_src, unl_src, problems, exif_unlabeled, origin)
+    lab_src, unl_src = make_source(good_l, True), make_source(good_u, False)
+    if labels_dir:
+        unl_src = pseudo_label_io.WithPseudoLabels(unl_src, labels_dir)
+    return TrainingSources(lab_src, unl_src, problems, exif_unlabeled, origin, good_u, labels_dir or "")
+
+
+@dataclasses.dataclass
+class EvalSources:
+    """The evaluation images: a Grain source (records with masks), their ``Example``s and image sizes
+    (H, W), in source order, after the bad-input checks."""
+
+    source: Any
+    examples: list[readers.Example]
+    sizes: list[tuple[int, int]]
+    problems: list[bad_input.Problem]
+
+
+def eval_sources(config: ml_collections.ConfigDict) -> EvalSources:
+    """``<data.splits_dir>/val.txt`` (UniMatch's format) as a source, bad examples left out (or an error
+    listing them under ``data.on_bad_input="error"``). Image sizes come from the file headers."""
+    d = config.data
+    layout = readers.make_layout(d.dataset, os.path.expanduser(d.root))
+    examples = splits.load_val(layout, os.path.expanduser(d.splits_dir))
+    problems: list[bad_input.Problem] = []
+    if d.source == "tfds":
+        build, subset, index, skipped = _tfds_subset(config, layout, 1)
+        good = _in_build(examples, build, subset, index, skipped, problems)
+        source: Any = sources.TfdsSource(build, subset, [index[e.name] for e in good], labeled=True)
+        sizes = [decode.image_size(e.image) for e in good]
+    else:
+        bar = tqdm.tqdm(total=len(examples), desc="checking evaluation images", unit="img", leave=False)
+        res = scan.scan_examples(examples, num_classes=d.num_classes, exif=layout.exif,
+                                 cache_path=os.path.join(os.path.expanduser(config.workdir), "input_scan.json"),
+                                 progress=bar.update)
+        bar.close()
+        good, problems = res.good, res.problems
+        source = sources.FileSource(good)
+        sizes = [res.sizes[e.name] for e in good]
+    if d.on_bad_input == "error":
+        bad_input.raise_for(problems, "the evaluation list val.txt")
+    if not good:
+        raise ValueError(f"no usable evaluation image in {os.path.join(d.splits_dir, 'val.txt')}")
+    return EvalSources(source, good, sizes, problems)
 
 
 def make_train_pipeline(config: ml_collections.ConfigDict, srcs: TrainingSources,
                         **overrides: Any) -> pipeline.TrainPipeline:
     """The ``TrainPipeline`` for ``config`` (keyword ``overrides`` replace its arguments, e.g. ``workers``)."""
     d, t = config.data, config.train
-    kwargs = dict(crop_size=t.crop_size, global_batch_size=t.batch_size, seed=config.seed,
-                  num_classes=d.num_classes, workers=d.workers, read_threads=d.read_threads,
-                  strong_on_host=d.strong_aug == "host", mix_same_images=d.mix_same_images,
-                  exif_unlabeled=srcs.exif_unlabeled, on_bad_input=d.on_bad_input)
+    kwargs: dict[str, Any] = dict(
+        crop_size=t.crop_size, global_batch_size=t.batch_size, seed=config.seed, num_classes=d.num_classes,
+        workers=d.workers, read_threads=d.read_threads, strong_on_host=d.strong_aug == "host",
+        mix_same_images=d.mix_same_images, exif_unlabeled=srcs.exif_unlabeled, on_bad_input=d.on_bad_input)
     kwargs.update(overrides)
     return pipeline.TrainPipeline(srcs.labeled, srcs.unlabeled, **kwargs)
+
+
+def _available_pseudo_labels(config: ml_collections.ConfigDict) -> str:
+    """``data.pseudo_labels`` if it names an existing folder, else "" (the data stage runs before the label
+    stage writes them: the input is then shown without them, and training checks them when it starts)."""
+    labels = config.data.get("pseudo_labels", "")
+    if labels and os.path.isdir(os.path.expanduser(labels)):
+        return labels
+    if labels:
+        print(f"data: pseudo labels {labels} not there yet (the label stage writes them); the input is shown "
+              f"without them")
+    return ""
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -137,7 +244,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     if config.get("synthetic"):
         prepare_synthetic(config)
-    srcs = training_sources(config)
+    srcs = training_sources(config, pseudo_labels=_available_pseudo_labels(config))
     report = os.path.join(workdir, "bad_input.json")
     bad_input.write_report(report, srcs.problems, f"split {config.data.split} of {config.data.dataset}")
     if srcs.problems:

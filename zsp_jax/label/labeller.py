@@ -37,6 +37,7 @@ from zsp_jax.amg.geometry import Bucket
 from zsp_jax.label.device import LabelInputs, LabelOutputs, LabelPlan, label_group
 from zsp_jax.label.options import LabelOptions
 from zsp_jax.models.sam.transforms import resize_longest_side_shape
+from zsp_jax.utils import bench
 from zsp_jax.utils.sharding import data_mesh, map_groups_per_device
 
 
@@ -192,7 +193,7 @@ class Labeller:
                                                                      plan)
                 self._compiled[plan] = lowered.compile()
             self.compile_seconds[plan] = time.perf_counter() - t0
-            self.memory[plan] = _memory_summary(self._compiled[plan])
+            self.memory[plan] = bench.memory_summary(self._compiled[plan])
         return self._compiled[plan]
 
     # ------------------------------------------------------------------ host side
@@ -287,15 +288,3 @@ class Labeller:
                     out[i] = r
         return out  # type: ignore[return-value]
 
-
-def _memory_summary(compiled: Any) -> str:
-    """XLA's memory estimate of a compiled program, e.g. 'args 0.2 GiB, temp 1.9 GiB, out 0.1 GiB'."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        return "memory estimate unavailable"
-    if m is None:
-        return "memory estimate unavailable"
-    gib = 1024 ** 3
-    return (f"arguments {m.argument_size_in_bytes / gib:.2f} GiB, temporaries {m.temp_size_in_bytes / gib:.2f} GiB, "
-            f"outputs {m.output_size_in_bytes / gib:.2f} GiB")

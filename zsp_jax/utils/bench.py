@@ -41,20 +41,38 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3) -> floa
     return best
 
 
-def compiled_flops(jitted: Any, *args: Any, **kwargs: Any) -> float | None:
-    """FLOPs of one call as counted by XLA's cost analysis of the compiled program.
-
-    ``jitted`` is a ``jax.jit``-wrapped function. Returns None where the backend gives no
-    estimate.
-    """
+def program_flops(compiled: Any) -> float | None:
+    """FLOPs of one call of a compiled program (``jax.jit(f).lower(...).compile()``) by XLA's cost
+    analysis; None where the backend gives no estimate."""
     try:
-        cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
+        cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - some backends do not implement cost analysis
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def compiled_flops(jitted: Any, *args: Any, **kwargs: Any) -> float | None:
+    """``program_flops`` of ``jitted`` (a ``jax.jit``-wrapped function) compiled for these arguments."""
+    return program_flops(jitted.lower(*args, **kwargs).compile())
+
+
+def memory_summary(compiled: Any) -> str:
+    """XLA's memory estimate of a compiled program, per device (maxtext's print): total = arguments +
+    outputs + temporaries - donated (aliased) buffers."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return "memory estimate unavailable"
+    if m is None:
+        return "memory estimate unavailable"
+    gib = 1024**3
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return (f"{total / gib:.2f} GiB per device (arguments {m.argument_size_in_bytes / gib:.2f}, outputs "
+            f"{m.output_size_in_bytes / gib:.2f}, temporaries {m.temp_size_in_bytes / gib:.2f}, donated "
+            f"{m.alias_size_in_bytes / gib:.2f})")
 
 
 def matmul_rate(dtype: Any = jnp.float32, n: int = 2048, device: Any = None) -> float:

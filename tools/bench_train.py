@@ -1,0 +1,134 @@
+"""Benchmark: the semi-supervised train step, ours (one jitted program) against PyTorch eager UniMatch.
+
+Both sides hold the same randomised weights (UniMatch's DeepLabV3+ in PyTorch,
+``zsp_jax.testing.unimatch_reference``, converted with our converter) and train on the same batch,
+CutMix boxes and feature-perturbation masks; the PyTorch side is UniMatch's iteration as
+``unimatch.py`` computes it (``zsp_jax.testing.unimatch_step``): the eval-mode forward of the mix
+images, the two train-mode forwards, the losses, ``backward()``, SGD and the poly schedule. Ours is
+``zsp_jax.train.step.make_update_fn`` (the same work; the pipeline's on-device augmentation is left
+out because the reference does it in its data loader). Per mode, the minimum over ``--repeats``
+steps after one warm-up, steps/s and images/s (labelled + unlabelled), the speed ratio, XLA's FLOP
+count of our step and the achieved FLOP/s against the measured fp32 matmul rate; the first step's
+loss on both sides (their relative difference).
+
+Defaults are UniMatch's PASCAL setting per GPU: ResNet-101 (deep stem), crop 321, 2 labelled + 2
+unlabelled images, 21 classes.
+
+  python tools/bench_train.py                           # unimatch and zsp, R101, 321, 2+2
+  python tools/bench_train.py --backbone resnet50 --size 161 --modes unimatch
+  python tools/bench_train.py --dtype bfloat16          # ours in bf16 compute, fp32 master weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def parse_args() -> argparse.Namespace:
+    from zsp_jax.utils import bench
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="resnet101", choices=("resnet50", "resnet101", "xception65"))
+    p.add_argument("--size", type=int, default=321, help="crop size")
+    p.add_argument("--batch", type=int, default=2, help="labelled (= unlabelled) images per step")
+    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument("--modes", default="unimatch,zsp")
+    p.add_argument("--conf-thresh", type=float, default=0.95)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="our compute dtype")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-torch", action="store_true")
+    bench.add_precision_flag(p)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    import copy
+
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+    import torch
+
+    from zsp_jax.models.deeplab import DeepLabConfig
+    from zsp_jax.testing import unimatch_step
+    from zsp_jax.testing.deeplab_parity import ours_from_torch, random_fp_masks, torch_reference
+    from zsp_jax.train import state as state_lib
+    from zsp_jax.train import step as step_lib
+    from zsp_jax.utils import bench
+
+    precision_line = bench.set_matmul_precision(args.matmul_precision)
+    kw = {} if args.backbone == "xception65" else {"stem": "deep"}
+    config = getattr(DeepLabConfig, args.backbone)(num_classes=args.num_classes, **kw)
+    threads = bench.set_torch_threads()
+    peak = bench.matmul_rate()
+    bench.print_header(f"UniMatch train step, DeepLabV3+ {config.variant}, {args.batch}+{args.batch} images of "
+                       f"{args.size}x{args.size}, {config.num_classes} classes, ours {args.dtype}", peak)
+    print(precision_line)
+    print(f"   torch {torch.__version__} with {threads} threads; torch fp32 matmul rate "
+          f"{bench.torch_matmul_rate() / 1e9:.1f} GFLOP/s")
+
+    lr, lr_multi, total = 1e-3, 10.0, 1000
+    opt_config = ml_collections.ConfigDict({"train": {"lr": lr, "head_lr_multiplier": lr_multi, "momentum": 0.9,
+                                                      "weight_decay": 1e-4, "lr_power": 0.9}})
+    ref0 = torch_reference(config, seed=0)
+    raw = unimatch_step.random_batch(args.batch, args.size, config.num_classes, seed=0)
+    fp_masks = random_fp_masks(config, 2 * args.batch, seed=1, dtype=np.float32)
+    batch = jax.tree.map(jnp.asarray, unimatch_step.our_batch(raw, np.float32, fp_masks))
+    tb = unimatch_step.torch_batch(raw, torch.float32)
+    tm = tuple(torch.from_numpy(m) for m in fp_masks)
+    images = 2 * args.batch
+    rows = []
+    for mode in args.modes.split(","):
+        options = step_lib.StepOptions(mode=mode, conf_thresh=args.conf_thresh)
+        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
+        ours = state_lib.strip_rng_streams(ours_from_torch(config, ref0, dtype=dtype))
+        graphdef, params, stats = state_lib.split_model(ours)
+        tx, schedule = state_lib.make_optimizer(opt_config, params, total)
+        state = state_lib.init_state(params, stats, tx)
+        key = jax.random.key(0)
+        update = jax.jit(step_lib.make_update_fn(graphdef, tx, options, schedule), donate_argnums=(0,))
+        t0 = time.perf_counter()
+        compiled = update.lower(state, batch, key).compile()
+        compile_s = time.perf_counter() - t0
+        flops = bench.program_flops(compiled)
+        holder = [state]
+
+        def ours_step():
+            holder[0], m = compiled(holder[0], batch, key)
+            return m
+
+        first = jax.tree.map(float, ours_step())
+        ours_s = bench.time_fn(ours_step, repeats=args.repeats)
+        print(f"-- {mode}: compiled in {compile_s:.1f} s ({bench.memory_summary(compiled)}); first-step loss ours {first['loss']:.6f}", end="")
+        ref_s = None
+        if not args.skip_torch:
+            ref = copy.deepcopy(ref0)
+            opt = unimatch_step.make_optimizer(ref, lr, lr_multi)
+            count = [0]
+
+            def torch_step():
+                out = unimatch_step.step(ref, opt, tb, fp_masks=tm, conf_thresh=args.conf_thresh, mode=mode)
+                unimatch_step.set_poly_lr(opt, lr, lr_multi, count[0], total)
+                count[0] += 1
+                return out["loss"].detach()
+
+            ref_first = float(torch_step())
+            ref_s = bench.time_fn(torch_step, repeats=args.repeats)
+            print(f", reference {ref_first:.6f} (relative difference "
+                  f"{abs(first['loss'] - ref_first) / abs(ref_first):.1e})", end="")
+        print()
+        rows.append(bench.Comparison(f"{mode} step", ours_s, ref_s, flops, peak, 1, "step"))
+        print(f"   {rows[-1].line()}; {images / ours_s:.2f} images/s"
+              + (f" (reference {images / ref_s:.2f})" if ref_s else ""))
+    print("== summary")
+    for r in rows:
+        ratio = f"x{r.reference_s / r.ours_s:.2f}" if r.reference_s else "-"
+        print(f"   {r.name}: ours {r.ours_s:.3f} s, reference "
+              f"{'-' if r.reference_s is None else f'{r.reference_s:.3f} s'}: ours/reference speed ratio {ratio}")
+
+
+if __name__ == "__main__":
+    main()
