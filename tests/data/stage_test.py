@@ -46,7 +46,7 @@ def test_main_runs_the_smoke_config_with_workers(tmp_path):
     cmd = [sys.executable, "-m", "zsp_jax.main", "--config", os.path.join(REPO, "configs/smoke.py:workers=2"),
            f"--config.workdir={out}", f"--config.data.root={out}/data/VOC2012",
            f"--config.data.splits_dir={out}/data/splits", f"--config.data.tfds_dir={out}/data/tfds",
-           "--config.data_stage.num_batches=4", "--config.train.crop_size=64"]
+           "--config.stages=data", "--config.data_stage.num_batches=4", "--config.train.crop_size=64"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
