@@ -42,6 +42,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    from zsp_jax.runtime import set_cpu_xla_flags
+
+    added = set_cpu_xla_flags()  # what the main job uses; ZSP_JAX_CPU_XLA_FLAGS=0 for XLA's defaults
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -60,6 +63,7 @@ def main() -> None:
     peak = bench.matmul_rate()
     bench.print_header(f"DeepLabV3+ {config.variant}, {args.batch}x{args.size}x{args.size}, {config.num_classes} "
                        f"classes, output stride {config.output_stride}, ours {args.dtype}", peak)
+    print(f"   CPU XLA flags added: {added or 'none'}")
     print(f"   torch {torch.__version__} with {threads} threads; torch fp32 matmul rate "
           f"{bench.torch_matmul_rate() / 1e9:.1f} GFLOP/s")
 

@@ -44,6 +44,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    from zsp_jax.runtime import set_cpu_xla_flags
+
+    added = set_cpu_xla_flags()  # what the main job uses; ZSP_JAX_CPU_XLA_FLAGS=0 for XLA's defaults
     import copy
 
     import jax
@@ -67,6 +70,7 @@ def main() -> None:
     bench.print_header(f"UniMatch train step, DeepLabV3+ {config.variant}, {args.batch}+{args.batch} images of "
                        f"{args.size}x{args.size}, {config.num_classes} classes, ours {args.dtype}", peak)
     print(precision_line)
+    print(f"   CPU XLA flags added: {added or 'none'}")
     print(f"   torch {torch.__version__} with {threads} threads; torch fp32 matmul rate "
           f"{bench.torch_matmul_rate() / 1e9:.1f} GFLOP/s")
 

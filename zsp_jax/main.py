@@ -16,6 +16,10 @@ import sys
 from absl import app
 from ml_collections import config_flags
 
+from zsp_jax.runtime import set_cpu_xla_flags
+
+set_cpu_xla_flags()  # before any JAX backend starts
+
 _DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "config file[:variant args]", lock_config=True)
 
