@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 CONFIG ?= configs/smoke.py
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist). 2 suits the 2-core CI machine: much of the suite is single-threaded
+# XLA compilation and subprocess start-up, which a second worker overlaps; use more on bigger machines.
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test clean-venv
 
@@ -28,7 +31,7 @@ run: setup
 	$(PY) -m zsp_jax.main --config $(CONFIG)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,21 +8,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _main(cwd, *args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "zsp_jax.main", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """The README's run command (configs/smoke.py, the embedded default) from a directory outside the repo."""
-    cwd = tmp_path_factory.mktemp("smoke")
-    r = _main(cwd)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return cwd, r
+from .conftest import ROOT, run_main as _main
 
 
 def test_smoke_pipeline_runs_every_stage(smoke):

@@ -10,7 +10,8 @@
   exactly where it stopped (same parameters as an uninterrupted run); a finished run returns
   its summary without training again.
 * ``train_metrics.jsonl``, ``eval_metrics.jsonl``, ``tensorboard/``, ``plots/{loss,miou}.png``,
-  ``bad_input.json`` and ``train_summary.json`` (what ``run`` returns).
+  ``bad_input.json``, ``train_config.json`` (the config it trained with) and ``train_summary.json``
+  (what ``run`` returns).
 
 Before the first step it prints the model, the input, and the ahead-of-time compiled step's
 memory estimate and XLA FLOP count. A non-finite loss stops the run with ``TrainingDiverged``
@@ -52,6 +53,7 @@ from zsp_jax.utils import bench, io
 log = logging.getLogger(__name__)
 
 SUMMARY = "train_summary.json"
+CONFIG = "train_config.json"  # the config the run trained with (rewritten on each resumed session)
 CHECKPOINTS = "checkpoints"
 
 
@@ -193,6 +195,8 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 io.write_json_atomic(_summary_path(workdir), summary)
             return summary
     t_start = time.perf_counter()
+    if _main_process():
+        io.write_text_atomic(os.path.join(workdir, CONFIG), config.to_json_best_effort(indent=2) + "\n")
     options = train_config.step_options(config)
     if t.mode == "zsp":
         data_config.validate_pseudo_labels(config)
