@@ -7,7 +7,7 @@ CutMix boxes and feature-perturbation masks; the PyTorch side is UniMatch's iter
 images, the two train-mode forwards, the losses, ``backward()``, SGD and the poly schedule. Ours is
 ``zsp_jax.train.step.make_update_fn`` (the same work; the pipeline's on-device augmentation is left
 out because the reference does it in its data loader). Per mode, the minimum over ``--repeats``
-steps after one warm-up, steps/s and images/s (labelled + unlabelled), the speed ratio, XLA's FLOP
+steps after one warm-up (ours and the reference taking turns, step by step), steps/s and images/s (labelled + unlabelled), the speed ratio, XLA's FLOP
 count of our step and the achieved FLOP/s against the measured fp32 matmul rate; the first step's
 loss on both sides (their relative difference).
 
@@ -38,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="our compute dtype")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--phases", action="store_true",
+                   help="also time forward / backward / optimiser apart (ours: two more programs)")
     bench.add_precision_flag(p)
     return p.parse_args()
 
@@ -104,34 +106,71 @@ def main() -> None:
             holder[0], m = compiled(holder[0], batch, key)
             return m
 
-        first = jax.tree.map(float, ours_step())
-        ours_s = bench.time_fn(ours_step, repeats=args.repeats)
+        first = jax.tree.map(float, ours_step())  # also the warm-up
         print(f"-- {mode}: compiled in {compile_s:.1f} s ({bench.memory_summary(compiled)}); first-step loss ours {first['loss']:.6f}", end="")
         ref_s = None
-        if not args.skip_torch:
+        if args.skip_torch:
+            ours_s = bench.time_fn(ours_step, warmup=0, repeats=args.repeats)
+        else:
             ref = copy.deepcopy(ref0)
             opt = unimatch_step.make_optimizer(ref, lr, lr_multi)
             count = [0]
 
-            def torch_step():
-                out = unimatch_step.step(ref, opt, tb, fp_masks=tm, conf_thresh=args.conf_thresh, mode=mode)
+            def torch_step(timings=None):
+                out = unimatch_step.step(ref, opt, tb, fp_masks=tm, conf_thresh=args.conf_thresh, mode=mode,
+                                         timings=timings)
                 unimatch_step.set_poly_lr(opt, lr, lr_multi, count[0], total)
                 count[0] += 1
                 return out["loss"].detach()
 
-            ref_first = float(torch_step())
-            ref_s = bench.time_fn(torch_step, repeats=args.repeats)
+            ref_first = float(torch_step())  # also the warm-up
+            # Alternating steps: this VM's speed drifts by ~10% over minutes, which two blocks of steps
+            # would put into the ratio.
+            ours_s, ref_s = bench.time_alternating([ours_step, torch_step], repeats=args.repeats)
             print(f", reference {ref_first:.6f} (relative difference "
                   f"{abs(first['loss'] - ref_first) / abs(ref_first):.1e})", end="")
         print()
         rows.append(bench.Comparison(f"{mode} step", ours_s, ref_s, flops, peak, 1, "step"))
         print(f"   {rows[-1].line()}; {images / ours_s:.2f} images/s"
               + (f" (reference {images / ref_s:.2f})" if ref_s else ""))
+        if args.phases:
+            print(f"   where the time goes: {phases(graphdef, options, holder[0], batch, key, ours_s, args.repeats, None if args.skip_torch else torch_step)}")
     print("== summary")
     for r in rows:
         ratio = f"x{r.reference_s / r.ours_s:.2f}" if r.reference_s else "-"
         print(f"   {r.name}: ours {r.ours_s:.3f} s, reference "
               f"{'-' if r.reference_s is None else f'{r.reference_s:.3f} s'}: ours/reference speed ratio {ratio}")
+
+
+def phases(graphdef, options, state, batch, key, ours_step_s, repeats, torch_step) -> str:
+    """Forward (every forward pass and the losses), backward and optimiser seconds, ours against the reference.
+
+    Ours: the loss alone and its value-and-gradient compiled as two more programs, the optimiser and
+    the rest of the update being what the whole step adds to the latter; the reference: its own step
+    timed at ``loss.backward()`` and ``optimizer.step()``, phase by phase the fastest of ``repeats``.
+    """
+    import jax
+
+    from zsp_jax.train import step as step_lib
+    from zsp_jax.utils import bench
+
+    loss_fn = step_lib.make_loss_fn(graphdef, options)
+    args = (state.params, state.batch_stats, batch, key)
+    fwd = jax.jit(loss_fn).lower(*args).compile()
+    grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(*args).compile()
+    for f in (fwd, grad):
+        bench.block(f(*args))
+    fwd_s, grad_s = bench.time_alternating([lambda: fwd(*args), lambda: grad(*args)], repeats=repeats)
+    ours = {"forward": fwd_s, "backward": grad_s - fwd_s, "optimizer": ours_step_s - grad_s}
+    ref = None
+    if torch_step is not None:
+        ref = {}
+        for _ in range(repeats):
+            t: dict[str, float] = {}
+            torch_step(t)
+            ref = {k: min(v, ref.get(k, float("inf"))) for k, v in t.items()}
+    return "; ".join(f"{k} ours {v:.2f} s" + (f", reference {ref[k]:.2f} s" if ref else "")
+                     + (f" (x{ref[k] / v:.2f})" if ref and v > 0 else "") for k, v in ours.items())
 
 
 if __name__ == "__main__":

@@ -22,3 +22,18 @@ def test_peak_rss_of_a_child_is_its_own_not_its_parents():
     peak = int(child.stdout.strip())
     del big
     assert 0.5 * 2**30 <= peak < 1.0 * 2**30, peak / 2**30  # its own 0.5 GiB array + the runtime
+
+
+def test_alternating_timer_takes_turns_and_keeps_each_minimum(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])  # a clock that only the calls advance
+    calls, durations = [], {"a": iter([3.0, 1.0, 2.0]), "b": iter([2.0, 4.0, 1.5])}
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            now[0] += next(durations[name])
+        return fn
+
+    assert bench.time_alternating([make("a"), make("b")], repeats=3) == [1.0, 1.5]
+    assert calls == ["a", "b"] * 3

@@ -7,7 +7,8 @@ the train-mode forward of ``cat(x, u_w)`` with the feature perturbation, the tra
 of ``cat(u_s1, u_s2)``, the CutMixed targets / confidences / ignore masks, the losses with the
 reference's normaliser, ``loss.backward()``, ``optimizer.step()`` and then the poly learning
 rate for the next iteration. ``mode="zsp"`` swaps the weak-view targets for given zero-shot
-labels with ``CrossEntropyLoss(label_smoothing=eps, ignore_index=255)`` (the paper's loss).
+labels with ``CrossEntropyLoss(label_smoothing=eps, ignore_index=255)`` (the paper's loss) and
+skips the eval-mode forward, whose prediction it does not use (as ours does).
 
 The model is ``zsp_jax.testing.unimatch_reference.DeepLabV3Plus``; its ``fp_masks`` argument
 replaces ``Dropout2d(0.5)`` so that both sides drop the same channels. Tensors are NCHW.
@@ -15,6 +16,7 @@ replaces ``Dropout2d(0.5)`` so that both sides drop the same channels. Tensors a
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -39,15 +41,18 @@ def set_poly_lr(optimizer: torch.optim.SGD, base_lr: float, lr_multi: float, ite
 
 def step(model: nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[str, Any], *,
          fp_masks: tuple[torch.Tensor, torch.Tensor], conf_thresh: float = 0.95, mode: str = "unimatch",
-         label_smoothing: float = 0.1, weights: tuple[float, float, float] = (0.25, 0.25, 0.5)) -> dict[str, Any]:
+         label_smoothing: float = 0.1, weights: tuple[float, float, float] = (0.25, 0.25, 0.5),
+         timings: dict[str, float] | None = None) -> dict[str, Any]:
     """One UniMatch (or zsp) iteration; returns the loss terms (tensors) and the mask ratio.
 
     ``batch``: ``img_x`` (B, 3, S, S), ``mask_x`` (B, S, S) long; ``img_u_w``, ``img_u_s1``,
     ``img_u_s2`` and the ``*_mix`` versions; ``ignore_mask``, ``ignore_mask_mix`` (B, S, S) long
     (255 = padding); ``cutmix_box1``, ``cutmix_box2`` (B, S, S) 0/1; for ``mode="zsp"``
     ``label_u`` and ``label_u_mix`` (B, S, S) long (255 = ignore). With ``optimizer`` None no
-    update is made (the gradients stay in ``.grad``).
+    update is made (the gradients stay in ``.grad``). ``timings``, if given, receives the seconds of
+    ``forward`` (everything up to the loss), ``backward`` and ``optimizer`` (benchmarks).
     """
+    t0 = time.perf_counter()
     img_x, mask_x = batch["img_x"], batch["mask_x"]
     img_u_w, img_u_s1, img_u_s2 = batch["img_u_w"], batch["img_u_s1"].clone(), batch["img_u_s2"].clone()
     img_u_w_mix, img_u_s1_mix, img_u_s2_mix = batch["img_u_w_mix"], batch["img_u_s1_mix"], batch["img_u_s2_mix"]
@@ -55,11 +60,14 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[
     cutmix_box1, cutmix_box2 = batch["cutmix_box1"], batch["cutmix_box2"]
     criterion_l = nn.CrossEntropyLoss(ignore_index=255)
 
-    with torch.no_grad():
-        model.eval()
-        pred_u_w_mix = model(img_u_w_mix).detach()
-        conf_u_w_mix = pred_u_w_mix.softmax(dim=1).max(dim=1)[0]
-        mask_u_w_mix = pred_u_w_mix.argmax(dim=1)
+    if mode == "zsp":  # the targets are given: the partners' prediction is not needed
+        conf_u_w_mix = torch.zeros(img_u_w_mix.shape[:1] + img_u_w_mix.shape[2:], dtype=img_u_w_mix.dtype)
+    else:
+        with torch.no_grad():
+            model.eval()
+            pred_u_w_mix = model(img_u_w_mix).detach()
+            conf_u_w_mix = pred_u_w_mix.softmax(dim=1).max(dim=1)[0]
+            mask_u_w_mix = pred_u_w_mix.argmax(dim=1)
 
     img_u_s1[cutmix_box1.unsqueeze(1).expand(img_u_s1.shape) == 1] = \
         img_u_s1_mix[cutmix_box1.unsqueeze(1).expand(img_u_s1.shape) == 1]
@@ -115,9 +123,13 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[
         optimizer.zero_grad()
     else:
         model.zero_grad()
+    t1 = time.perf_counter()
     loss.backward()
+    t2 = time.perf_counter()
     if optimizer is not None:
         optimizer.step()
+    if timings is not None:
+        timings.update(forward=t1 - t0, backward=t2 - t1, optimizer=time.perf_counter() - t2)
     mask_ratio = keep_w.sum().item() / (ignore_mask != 255).sum().item()
     return {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_s1": loss_u_s1.detach(),
             "loss_s2": loss_u_s2.detach(), "loss_fp": loss_u_w_fp.detach(), "mask_ratio": mask_ratio}

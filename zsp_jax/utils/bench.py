@@ -12,7 +12,7 @@ import dataclasses
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -38,6 +38,22 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3) -> floa
         t0 = time.perf_counter()
         block(fn())
         best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def time_alternating(fns: Sequence[Callable[[], Any]], *, repeats: int = 3) -> list[float]:
+    """Minimum wall time in seconds of each ``fn()`` over ``repeats`` rounds, the functions taking turns
+    within each round (no warm-up: warm them first).
+
+    For long calls on a shared machine whose speed drifts over minutes: each side sees the same
+    stretches of the machine's time, so their ratio is fairer than from two blocks run one after the other.
+    """
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            block(fn())
+            best[k] = min(best[k], time.perf_counter() - t0)
     return best
 
 
