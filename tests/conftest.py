@@ -7,8 +7,9 @@
 * absl flags marked parsed: grain's multiprocess workers read absl flags.
 * the torchvision stand-in, so that segment-anything, open_clip and gem_torch import.
 * no hub access: transformers and huggingface_hub are told to stay offline.
-* under pytest-xdist (``make test`` runs 2 workers, ``--dist loadgroup``): one group per test file, so a
-  file's module fixtures are built once, and one group for tests/e2e, whose files share the smoke run.
+* under pytest-xdist ``make test`` runs 2 workers with ``--dist loadfile``: the tests of one file stay in one
+  worker, so its module fixtures are built once. (``loadgroup`` would be the natural choice, but pytest-xdist
+  3.8 cannot tag node ids under pytest 9, so its groups silently fall back to per-test scheduling.)
 """
 
 import os
@@ -36,8 +37,3 @@ torchvision_stub.install()
 def num_devices() -> int:
     return jax.device_count()
 
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = "e2e" if item.path.parent.name == "e2e" else str(item.path)
-        item.add_marker(pytest.mark.xdist_group(group))
