@@ -232,15 +232,20 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, opt
     def update(state: TrainState, batch: dict[str, Any], rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         fp_key = jax.random.fold_in(rng, state.step)
         (_, (metrics, new_stats)), grads = grad_fn(state.params, state.batch_stats, batch, fp_key)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(grad_norm)
         for v in metrics.values():
             finite &= jnp.all(jnp.isfinite(v))
-        new = TrainState(step=state.step + 1, params=new_params, batch_stats=new_stats, opt_state=new_opt)
-        # A non-finite step is not applied: the state stays the last good one.
-        new = jax.tree.map(lambda n, old: jnp.where(finite, n, old), new, state)
+
+        def apply() -> TrainState:
+            updates, new_opt = tx.update(grads, state.opt_state, state.params)
+            return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=new_stats, opt_state=new_opt)
+
+        # A non-finite step is not applied: the state stays the last good one. A cond rather than a
+        # select over the whole state, so that the update can be done in place in the donated buffers
+        # (R101 on CPU: 76 ms instead of 188 ms, and no second copy of parameters and momentum).
+        new = jax.lax.cond(finite, apply, lambda: state)
         metrics = dict(metrics, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
