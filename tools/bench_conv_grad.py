@@ -35,10 +35,13 @@ SHAPES = (
 
 
 def parse_args() -> argparse.Namespace:
+    from zsp_jax.utils import bench
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", default="", help="comma-separated substrings of the conv names to run")
+    bench.add_precision_flag(p)
     return p.parse_args()
 
 
@@ -56,10 +59,11 @@ def main() -> None:
     from zsp_jax.models.deeplab.layers import Conv2d
     from zsp_jax.utils import bench
 
-    jax.config.update("jax_default_matmul_precision", "highest")
+    precision_line = bench.set_matmul_precision(args.matmul_precision)
     threads = bench.set_torch_threads()
     peak = bench.matmul_rate()
     bench.print_header(f"dense 3x3 conv gradients, batch {args.batch}", peak)
+    print(precision_line)
     print(f"   CPU XLA flags added: {added or '(none)'}; torch threads: {threads}")
 
     def flat_rows(x, dy, d):

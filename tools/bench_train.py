@@ -134,7 +134,7 @@ def main() -> None:
         print(f"   {rows[-1].line()}; {images / ours_s:.2f} images/s"
               + (f" (reference {images / ref_s:.2f})" if ref_s else ""))
         if args.phases:
-            print(f"   where the time goes: {phases(graphdef, options, holder, batch, key, ours_step, args.repeats, None if args.skip_torch else torch_step)}")
+            print(f"   where the time goes: {phases(graphdef, tx, options, holder, batch, key, ours_step, args.repeats, None if args.skip_torch else torch_step)}")
     print("== summary")
     for r in rows:
         ratio = f"x{r.reference_s / r.ours_s:.2f}" if r.reference_s else "-"
@@ -142,17 +142,20 @@ def main() -> None:
               f"{'-' if r.reference_s is None else f'{r.reference_s:.3f} s'}: ours/reference speed ratio {ratio}")
 
 
-def phases(graphdef, options, holder, batch, key, ours_step, repeats, torch_step) -> str:
+def phases(graphdef, tx, options, holder, batch, key, ours_step, repeats, torch_step) -> str:
     """Forward seconds (every forward pass and the losses) and backward + optimiser seconds, ours against
     the reference.
 
     Ours: the loss alone compiled as one more program, and the rest of the whole step (``ours_step``, on the
     state in ``holder[0]``); the reference: its own step timed at ``loss.backward()`` and ``optimizer.step()``.
     All take turns in each of ``repeats`` rounds (the machine's drift hits them alike); each phase is its
-    fastest. (Our backward and optimiser are not split: a value-and-gradient program alone also writes the
-    gradients out, which the step does not, so "step minus gradient program" misstates the optimiser.)
+    fastest. Our backward and optimiser are not split inside the step (a value-and-gradient program alone
+    also writes the gradients out, which the step does not, so "step minus gradient program" misstates the
+    optimiser); the optimiser ``tx`` is timed alone instead, on copies of the parameters and momentum
+    donated as in the step, with parameter-shaped gradients.
     """
     import jax
+    import optax
 
     from zsp_jax.train import step as step_lib
     from zsp_jax.utils import bench
@@ -171,15 +174,29 @@ def phases(graphdef, options, holder, batch, key, ours_step, repeats, torch_step
         torch_step(t)
         ref.update({k: min(v, ref.get(k, float("inf"))) for k, v in t.items()})
 
-    fns = [lambda: fwd(*args()), ours_step] + ([reference_step] if torch_step else [])
-    fwd_s, step_s = bench.time_alternating(fns, repeats=repeats)[:2]
+    def sgd(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    sgd = jax.jit(sgd, donate_argnums=(0, 1))
+    opt_holder = list(jax.tree.map(jax.numpy.copy, (holder[0].params, holder[0].opt_state)))
+    grads = jax.tree.map(lambda p: p * 1e-3, holder[0].params)
+
+    def optimizer_alone():
+        opt_holder[:] = sgd(*opt_holder, grads)
+        return opt_holder
+
+    bench.block(optimizer_alone())
+    fns = [lambda: fwd(*args()), ours_step, optimizer_alone] + ([reference_step] if torch_step else [])
+    fwd_s, step_s, opt_s = bench.time_alternating(fns, repeats=repeats)[:3]
     line = f"forward ours {fwd_s:.2f} s; backward + optimizer ours {step_s - fwd_s:.2f} s"
     if ref:
         rest = ref["backward"] + ref["optimizer"]
         line = (f"forward ours {fwd_s:.2f} s, reference {ref['forward']:.2f} s (x{ref['forward'] / fwd_s:.2f}); "
                 f"backward + optimizer ours {step_s - fwd_s:.2f} s, reference {rest:.2f} s "
-                f"(x{rest / (step_s - fwd_s):.2f}; its optimizer.step() alone {ref['optimizer']:.2f} s)")
-    return line
+                f"(x{rest / (step_s - fwd_s):.2f}; its optimizer.step() alone {ref['optimizer'] * 1e3:.0f} ms)")
+    return line + f"; our optimiser update alone {opt_s * 1e3:.0f} ms"
+
 
 if __name__ == "__main__":
     main()
