@@ -28,7 +28,7 @@ from absl import flags  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 flags.FLAGS.mark_as_parsed()
 
-from zsp_jax.testing import torchvision_stub  # noqa: E402
+from zsp_jax.references import torchvision_stub  # noqa: E402
 
 torchvision_stub.install()
 

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     add_precision_flag(p)
     args = p.parse_args(argv)
 
-    from zsp_jax.testing import torchvision_stub
+    from zsp_jax.references import torchvision_stub
 
     torchvision_stub.install()
     import jax
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     from zsp_jax.amg.decoder import point_decoder
     from zsp_jax.models.sam import SamConfig
     from zsp_jax.models.sam.image_encoder import encoder_flops
-    from zsp_jax.testing.amg import match_records, reference_pair, sample_images
+    from zsp_jax.references.amg import match_records, reference_pair, sample_images
     from zsp_jax.utils import bench
 
     threads = bench.set_torch_threads()

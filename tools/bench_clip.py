@@ -5,7 +5,7 @@
 Both run on the same randomised ViT-B/16 weights (an open_clip ``ViT-B-16-quickgelu``-shaped
 model with every tensor randomised, converted with ``zsp_jax.models.clip.convert``) and the same
 images. The reference is gem-torch's ``GEMWrapper`` (``model.visual(images)``, which returns the
-GEM and the plain tokens) with the open_clip >= 2.24 layout fix of ``zsp_jax.testing.clip``; ours
+GEM and the plain tokens) with the open_clip >= 2.24 layout fix of ``zsp_jax.references.clip``; ours
 is ``dense_features_fn(model, GemConfig())``, jitted, which returns the GEM tokens and the global
 embedding. Printed: images/s of both, the ratio, our achieved FLOP/s (XLA's count) against the
 machine's measured matmul rate, and the parity of the two outputs on these inputs.
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from flax import nnx
 
     from zsp_jax.models.clip import GemConfig, build_clip, convert_state_dict
-    from zsp_jax.testing import clip as clip_testing
+    from zsp_jax.references import clip as clip_refs
     from zsp_jax.utils import bench
 
     torch_threads = bench.set_torch_threads()
@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     print(bench.set_matmul_precision(args.matmul_precision))
     print(f"   torch threads: {torch_threads}")
 
-    torch_model = clip_testing.open_clip_vit_b16(quick_gelu=True, seed=0)
+    torch_model = clip_refs.open_clip_vit_b16(quick_gelu=True, seed=0)
     converted = convert_state_dict(torch_model.state_dict(), "open_clip", act="quick_gelu")
-    images = clip_testing.random_images(args.batch, args.size, args.size, seed=0)
+    images = clip_refs.random_images(args.batch, args.size, args.size, seed=0)
     gem_cfg = GemConfig()
 
     def jitted(model):
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_reference:
         import torch
 
-        wrapper = clip_testing.gem_reference(torch_model, depth=gem_cfg.depth)
+        wrapper = clip_refs.gem_reference(torch_model, depth=gem_cfg.depth)
         pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
 
         def reference():
@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         out16 = fn16(state16, x)
         print(bench.Comparison("dense_features bf16", per(b16_s), per(ref_s), flops=per(flops), peak_flops=peak,
                                unit="image").line())
-        print("   bf16 vs fp32: " + deviation(out, out16, torch_model, converted, clip_testing.VOC_CLASSES))
+        print("   bf16 vs fp32: " + deviation(out, out16, torch_model, converted, clip_refs.VOC_CLASSES))
 
     if args.text:
-        text_bench(torch_model, converted, clip_testing.COCO_CLASSES, args.repeats, peak)
+        text_bench(torch_model, converted, clip_refs.COCO_CLASSES, args.repeats, peak)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Benchmark: DeepLabV3+ forward and forward+backward, ours (JAX) against the PyTorch reference.
 
 Both models hold the same randomised weights (the PyTorch reference with UniMatch's
-architecture, ``zsp_jax.testing.unimatch_reference``, converted with our converter) and see
+architecture, ``zsp_jax.references.unimatch_model``, converted with our converter) and see
 the same inputs. Measured, each as the minimum over ``--repeats`` runs after one warm-up:
 
 * forward in eval mode (inference), with the relative difference of the logits printed;
@@ -53,7 +53,7 @@ def main() -> None:
     from flax import nnx
 
     from zsp_jax.models.deeplab import DeepLabConfig
-    from zsp_jax.testing.deeplab_parity import nchw_to_nhwc, ours_from_torch, torch_reference
+    from zsp_jax.references.deeplab import nchw_to_nhwc, ours_from_torch, torch_reference
     from zsp_jax.utils import bench
 
     kw = {} if args.backbone == "xception65" else {"stem": args.stem}

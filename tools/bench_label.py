@@ -3,7 +3,7 @@
 Both label the same image files with the same random weights (a segment-anything SAM and an
 open_clip CLIP + gem-torch, every tensor randomised, converted for ours): decode, SAM automatic
 masks, GEM dense features, masked-average pooling, classification, painting, writing the PNG.
-The reference is ``zsp_jax.testing.label_reference.ReferenceLabeller`` (segment-anything's
+The reference is ``zsp_jax.references.label_reference.ReferenceLabeller`` (segment-anything's
 generator, gem-torch, torch interpolation, numpy rules) in a plain loop; ours is the labelling job
 (``zsp_jax.label.job.run_job``: one compiled program per bucket, prefetching decode threads,
 writer threads). Printed: images/s of each and the ratio, compile time and memory separately,
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     add_precision_flag(p)
     args = p.parse_args(argv)
 
-    from zsp_jax.testing import torchvision_stub
+    from zsp_jax.references import torchvision_stub
 
     torchvision_stub.install()
     import jax
@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     from zsp_jax.models.clip.convert import convert_state_dict
     from zsp_jax.models.sam import SamConfig
     from zsp_jax.models.sam.image_encoder import encoder_flops
-    from zsp_jax.testing.amg import reference_pair, sample_images
-    from zsp_jax.testing.clip import gem_reference, open_clip_vit_b16
-    from zsp_jax.testing.label_reference import ReferenceLabeller
+    from zsp_jax.references.amg import reference_pair, sample_images
+    from zsp_jax.references.clip import gem_reference, open_clip_vit_b16
+    from zsp_jax.references.label_reference import ReferenceLabeller
     from zsp_jax.utils import bench
 
     threads = bench.set_torch_threads()

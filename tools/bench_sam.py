@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from zsp_jax.models.sam import SamConfig, from_state_dict, postprocess_masks, preprocess
     from zsp_jax.models.sam.image_encoder import encoder_flops
-    from zsp_jax.testing import sam as sam_testing
-    from zsp_jax.testing import torchvision_stub
+    from zsp_jax.references import sam as sam_refs
+    from zsp_jax.references import torchvision_stub
     from zsp_jax.utils import bench
 
     torchvision_stub.install()
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   torch {torch.__version__}, {threads} threads; XLA flags: "
           f"{__import__('os').environ.get('XLA_FLAGS', '') or '(none)'}")
 
-    ref = sam_testing.registry_sam(args.variant, seed=0)
+    ref = sam_refs.registry_sam(args.variant, seed=0)
     sd = ref.state_dict()
     ours32 = from_state_dict(sd, config=config)
     ours = ours32 if dtype == jnp.float32 and param_dtype == jnp.float32 else from_state_dict(
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         coords_t, labels_t = torch.from_numpy(grid), torch.from_numpy(labels)
 
         def ref_decode():
-            return sam_testing.reference_decode(ref, ref_emb_t[:1], coords_t, labels_t, multimask_output=True)
+            return sam_refs.reference_decode(ref, ref_emb_t[:1], coords_t, labels_t, multimask_output=True)
 
         ref_low, ref_iou = ref_decode()
         t_ref_decode = bench.time_fn(ref_decode, warmup=1, repeats=args.repeats)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     up = jax.jit(lambda lo: postprocess_masks(lo, input_size, (h, w), config.image_size))
     if ref_emb is not None:
         ref_full = ref.postprocess_masks(torch.from_numpy(ref_low), input_size, (h, w)).numpy()
-        bad, near = sam_testing.mask_disagreement(np.asarray(up(low[0])) > 0, ref_full)
+        bad, near = sam_refs.mask_disagreement(np.asarray(up(low[0])) > 0, ref_full)
         differ = int(np.sum((np.asarray(up(low[0])) > 0) != (ref_full > 0)))
         print(f"   parity vs segment-anything: embedding {bench.relative_error(emb, ref_emb):.2e}, "
               f"low-res logits {bench.relative_error(low[0], ref_low):.2e}, "

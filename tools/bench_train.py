@@ -1,9 +1,9 @@
 """Benchmark: the semi-supervised train step, ours (one jitted program) against PyTorch eager UniMatch.
 
 Both sides hold the same randomised weights (UniMatch's DeepLabV3+ in PyTorch,
-``zsp_jax.testing.unimatch_reference``, converted with our converter) and train on the same batch,
+``zsp_jax.references.unimatch_model``, converted with our converter) and train on the same batch,
 CutMix boxes and feature-perturbation masks; the PyTorch side is UniMatch's iteration as
-``unimatch.py`` computes it (``zsp_jax.testing.unimatch_step``): the eval-mode forward of the mix
+``unimatch.py`` computes it (``zsp_jax.references.unimatch_step``): the eval-mode forward of the mix
 images, the two train-mode forwards, the losses, ``backward()``, SGD and the poly schedule. Ours is
 ``zsp_jax.train.step.make_update_fn`` (the same work; the pipeline's on-device augmentation is left
 out because the reference does it in its data loader). Per mode, the minimum over ``--repeats``
@@ -58,8 +58,8 @@ def main() -> None:
     import torch
 
     from zsp_jax.models.deeplab import DeepLabConfig
-    from zsp_jax.testing import unimatch_step
-    from zsp_jax.testing.deeplab_parity import ours_from_torch, random_fp_masks, torch_reference
+    from zsp_jax.references import unimatch_step
+    from zsp_jax.references.deeplab import ours_from_torch, random_fp_masks, torch_reference
     from zsp_jax.train import state as state_lib
     from zsp_jax.train import step as step_lib
     from zsp_jax.utils import bench

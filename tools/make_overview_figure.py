@@ -2,7 +2,7 @@
 
     python tools/make_overview_figure.py --out docs/overview.png [--sam CKPT --clip CKPT --classes voc]
 
-Without checkpoints it uses small random-weight models (``zsp_jax.testing.label_models``), so the
+Without checkpoints it uses small random-weight models (``zsp_jax.models.random_checkpoints``), so the
 segments and classes illustrate the outputs' form only; with real SAM / CLIP checkpoints it shows
 real pseudo labels. The image is scikit-image's astronaut photo (bundled with the package).
 """
@@ -34,15 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     from zsp_jax.label.classes import load_classes
     from zsp_jax.label.labeller import Labeller
     from zsp_jax.label.options import LabelOptions
-    from zsp_jax.testing.amg import sample_images
-    from zsp_jax.testing.label_models import many_segments_config, tiny_checkpoints
+    from zsp_jax.references.amg import sample_images
+    from zsp_jax.models.random_checkpoints import random_weight_label_config, tiny_checkpoints
     from zsp_jax.utils import io
 
     cache = tempfile.mkdtemp(prefix="zsp_figure_")
     random_models = not (args.sam and args.clip)
     if random_models:
         sam_path, clip_path = tiny_checkpoints(cache)
-        config = many_segments_config()
+        config = random_weight_label_config()
         config.amg.points_per_side = 6
         config.amg.max_masks = 108
         config.pooling = "area"

@@ -24,15 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from zsp_jax.testing import torchvision_stub
+    from zsp_jax.references import torchvision_stub
 
     torchvision_stub.install()
     import torch
 
     from zsp_jax.models.deeplab.config import DeepLabConfig
-    from zsp_jax.testing.label_models import pytorch_checkpoints
-    from zsp_jax.testing.torch_utils import randomize_
-    from zsp_jax.testing.unimatch_reference import build
+    from zsp_jax.references.checkpoints import pytorch_checkpoints
+    from zsp_jax.references.torch_utils import randomize_
+    from zsp_jax.references.unimatch_model import build
 
     sam, clip = pytorch_checkpoints(args.out, seed=args.seed)
     backbone = os.path.join(args.out, "resnet_tiny_backbone.pth")

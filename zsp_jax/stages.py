@@ -53,7 +53,7 @@ def prepare_generated(config: ml_collections.ConfigDict) -> None:
 
         prepare_synthetic(config)
         if s.get("checkpoints"):
-            from zsp_jax.testing.label_models import tiny_checkpoints
+            from zsp_jax.models.random_checkpoints import tiny_checkpoints
 
             tiny_checkpoints(os.path.expanduser(s.checkpoints), seed=config.seed)
     barrier("zsp_generated_inputs")

@@ -3,7 +3,7 @@
 import pytest
 
 from zsp_jax.models.sam import SamConfig
-from zsp_jax.testing.amg import reference_pair
+from zsp_jax.references.amg import reference_pair
 
 # 256 x 256 encoder input -> 16 x 16 embedding grid and 64 x 64 low-resolution logits.
 IMAGE_SIZE = 256

@@ -10,7 +10,7 @@ from zsp_jax.amg import AmgOptions, AutomaticMaskGenerator, Bucket, Plan, data_m
 from zsp_jax.amg.decoder import point_decoder
 from zsp_jax.amg.device import crop_geometry, device_inputs
 from zsp_jax.amg.generator import prepare_inputs
-from zsp_jax.testing.amg import mask_iou_matrix, sample_images
+from zsp_jax.references.amg import mask_iou_matrix, sample_images
 
 SIZES = [(150, 200), (140, 230), (180, 256), (129, 193), (192, 240), (160, 210), (135, 250), (170, 199)]
 

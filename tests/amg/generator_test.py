@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from zsp_jax.amg import AmgOptions, AutomaticMaskGenerator, data_mesh
-from zsp_jax.testing.amg import masks_of, sample_images
+from zsp_jax.references.amg import masks_of, sample_images
 
 # 4 x 4 points, no filters and no NMS: all 48 candidates of layer 0 survive.
 ALL = AmgOptions(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, stability_score_offset=0.05,

@@ -12,7 +12,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator
 
 from zsp_jax.amg import AmgOptions, AutomaticMaskGenerator, data_mesh, records_from_outputs
-from zsp_jax.testing.amg import mask_iou_matrix, masks_of, match_records, sample_images
+from zsp_jax.references.amg import mask_iou_matrix, masks_of, match_records, sample_images
 
 # Two images of one size bucket (192 x 256 at bucket 64): one compiled program per option set.
 SIZES = [(150, 200), (140, 230)]

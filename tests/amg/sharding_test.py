@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from zsp_jax.amg import AmgOptions, AutomaticMaskGenerator, data_mesh, shard_work
-from zsp_jax.testing.amg import masks_of, match_records, sample_images
+from zsp_jax.references.amg import masks_of, match_records, sample_images
 
 # Eight images of one bucket (192 x 256), different sizes within it.
 SIZES = [(150, 200), (140, 230), (180, 256), (129, 193), (192, 240), (160, 210), (135, 250), (170, 199)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zsp_jax.testing import clip as clip_testing
+from zsp_jax.references import clip as clip_refs
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def tiny_open_clip():
     """(torch model, its conversion): quick_gelu, 3 vision / 2 text layers."""
     from zsp_jax.models.clip import convert_state_dict
 
-    model = clip_testing.tiny_open_clip(quick_gelu=True, seed=0)
+    model = clip_refs.tiny_open_clip(quick_gelu=True, seed=0)
     return model, convert_state_dict(model.state_dict(), "open_clip", act="quick_gelu")
 
 
@@ -36,8 +36,8 @@ def tiny_hf():
     """(torch CLIPModel, its transformers config, its conversion)."""
     from zsp_jax.models.clip import convert_state_dict
 
-    config = clip_testing.hf_clip_config()
-    model = clip_testing.hf_clip_model(config, seed=0)
+    config = clip_refs.hf_clip_config()
+    model = clip_refs.hf_clip_model(config, seed=0)
     return model, config, convert_state_dict(model.state_dict(), "hf", hf_config=config)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from zsp_jax.models import clip
 from zsp_jax.models.clip import convert as C
-from zsp_jax.testing import clip as clip_testing
+from zsp_jax.references import clip as clip_refs
 from zsp_jax.utils.bench import relative_error
 from zsp_jax.utils.weights import ConversionError
 
@@ -78,7 +78,7 @@ def test_hf_directory_sharded(tmp_path, tiny_hf):
 
 def test_openai_torchscript_fp16(tmp_path):
     """A TorchScript archive of an OpenAI-layout model with fp16 weights, as OpenAI distributes."""
-    model = clip_testing.tiny_open_clip(quick_gelu=True, seed=11)
+    model = clip_refs.tiny_open_clip(quick_gelu=True, seed=11)
     with torch.no_grad():  # make every weight fp16-representable, then save the fp16 copy
         for p in model.parameters():
             p.copy_(p.half().float())
@@ -90,7 +90,7 @@ def test_openai_torchscript_fp16(tmp_path):
     assert converted.source_format == "openai" and converted.config.act == "quick_gelu"
     reference = C.convert_state_dict(model.state_dict(), "open_clip", act="quick_gelu")
     _same_weights(converted.weights, reference.weights)
-    images = clip_testing.random_images(2, 32, 32)
+    images = clip_refs.random_images(2, 32, 32)
     with torch.no_grad():
         ref = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     assert relative_error(_image_embeds(converted.build(), images), ref) <= 1e-5
@@ -109,7 +109,7 @@ def test_openai_plain_state_dict(tmp_path, tiny_open_clip):
 
 @pytest.mark.parametrize("layout", ["state_dict", "training_checkpoint", "safetensors", "custom_text"])
 def test_open_clip(tmp_path, layout):
-    torch_model = clip_testing.tiny_open_clip(quick_gelu=False, seed=12, custom_text=layout == "custom_text")
+    torch_model = clip_refs.tiny_open_clip(quick_gelu=False, seed=12, custom_text=layout == "custom_text")
     sd = torch_model.state_dict()
     if layout == "safetensors":
         from safetensors.torch import save_file
@@ -124,7 +124,7 @@ def test_open_clip(tmp_path, layout):
     converted = C.convert_checkpoint(path, model_name="ViT-B-16")
     assert converted.source_format == "open_clip" and converted.config.act == "gelu"
     ours = converted.build()
-    images = clip_testing.random_images(2, 32, 32, seed=3)
+    images = clip_refs.random_images(2, 32, 32, seed=3)
     ids = np.zeros((2, 77), np.int64)
     ids[:, :4] = [[49406, 320, 2368, 49407], [49406, 1929, 269, 49407]]
     with torch.no_grad():
@@ -173,7 +173,7 @@ def test_save_and_load(tmp_path, tiny_open_clip):
     converted.save(path)
     assert clip.read_clip_config(path) == converted.config
     loaded = clip.load_clip(path)
-    images = clip_testing.random_images(1, 32, 32)
+    images = clip_refs.random_images(1, 32, 32)
     np.testing.assert_array_equal(_image_embeds(loaded, images), _image_embeds(converted.build(), images))
     bf16 = clip.load_clip(path, dtype="bfloat16")
     assert bf16.visual.proj.get_value().dtype == np.dtype("bfloat16")
@@ -311,7 +311,7 @@ def test_vision_head_width_table_matches_open_clip_configs():
 
 def _wide_head_open_clip(seed=21):
     """A tiny open_clip CLIP whose vision heads are 80 wide (4 heads at width 320; width / 64 would say 5)."""
-    return clip_testing.open_clip_model(dict(layers=2, width=320, head_width=80, patch_size=8, image_size=32),
+    return clip_refs.open_clip_model(dict(layers=2, width=320, head_width=80, patch_size=8, image_size=32),
                                         dict(context_length=77, width=64, heads=1, layers=2), 16,
                                         quick_gelu=False, seed=seed)
 
@@ -330,7 +330,7 @@ def test_wide_head_models_convert_right(tmp_path, how):
         kwargs = dict(model_name=str(cfg))
     converted = C.convert_checkpoint(path, **kwargs)
     assert converted.config.vision_heads == 4
-    images = clip_testing.random_images(2, 32, 32, seed=4)
+    images = clip_refs.random_images(2, 32, 32, seed=4)
     with torch.no_grad():
         ref = torch_model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     assert relative_error(_image_embeds(converted.build(), images), ref) <= 1e-5

@@ -6,13 +6,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from zsp_jax.models.clip import GemConfig, dense_features_fn, encode_text_fn
-from zsp_jax.testing import clip as clip_testing
+from zsp_jax.references import clip as clip_refs
 
 
 def test_dense_features_sharded_equals_single_device(tiny_open_clip, num_devices):
     _, converted = tiny_open_clip
     model = converted.build()
-    images = clip_testing.random_images(num_devices, 48, 48, seed=3)
+    images = clip_refs.random_images(num_devices, 48, 48, seed=3)
     dense = dense_features_fn(model, GemConfig(depth=3), normalize=True)
     single = jax.device_get(dense(jax.device_put(images, jax.devices()[0])))
 
@@ -30,7 +30,7 @@ def test_dense_features_sharded_equals_single_device(tiny_open_clip, num_devices
 
 def test_encode_text_sharded(tiny_open_clip, tokenizer, num_devices):
     _, converted = tiny_open_clip
-    ids = tokenizer([f"a photo of a {c}." for c in clip_testing.VOC_CLASSES[:num_devices]])
+    ids = tokenizer([f"a photo of a {c}." for c in clip_refs.VOC_CLASSES[:num_devices]])
     encode = encode_text_fn(converted.build())
     single = np.asarray(encode(ids))
     mesh = Mesh(np.array(jax.devices()).reshape(num_devices), ("data",))

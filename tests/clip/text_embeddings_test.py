@@ -7,7 +7,7 @@ import pytest
 
 from zsp_jax.models.clip import IMAGENET_TEMPLATES, SINGLE_TEMPLATE, ClassEmbedder, class_embeddings, get_templates
 from zsp_jax.models.clip import text_embeddings as TE
-from zsp_jax.testing.clip import VOC_CLASSES
+from zsp_jax.references.clip import VOC_CLASSES
 from zsp_jax.utils.bench import relative_error
 
 

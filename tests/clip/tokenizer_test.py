@@ -5,7 +5,7 @@ import pytest
 
 from zsp_jax.models.clip import IMAGENET_TEMPLATES, ClipTokenizer
 from zsp_jax.models.clip.tokenizer import bytes_to_unicode, vocabulary_from_bpe
-from zsp_jax.testing.clip import COCO_CLASSES, VOC_CLASSES
+from zsp_jax.references.clip import COCO_CLASSES, VOC_CLASSES
 
 HARD_TEXTS = [
     "A PHOTO of a Pottedplant!!", "tv/monitor", "dining-table 12,345 3.5", "it's what we'll do, they've said",

@@ -11,7 +11,7 @@ from PIL import Image
 
 from zsp_jax.data import bad_input, decode, readers, scan, splits, stage
 from zsp_jax.data.bad_input import BadInputError
-from zsp_jax.testing import data_files
+from tests.fixtures import data_files
 
 
 def _read(path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from zsp_jax.data import classes, coco, decode, readers, scan, tfds_builders
-from zsp_jax.testing import data_files
+from tests.fixtures import data_files
 
 
 def _poly(x0, y0, x1, y1):

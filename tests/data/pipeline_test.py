@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from zsp_jax.data import bad_input, device_augment, pipeline, readers, sources, splits
-from zsp_jax.testing import data_files
+from tests.fixtures import data_files
 
 CROP, BATCH = 48, 4
 

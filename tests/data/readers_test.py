@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from zsp_jax.data import decode, readers
-from zsp_jax.testing import data_files
+from tests.fixtures import data_files
 
 from .conftest import NUM_AUG, NUM_TRAIN, NUM_VAL
 

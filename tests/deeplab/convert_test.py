@@ -13,9 +13,9 @@ from flax import nnx
 
 from zsp_jax.models.deeplab import DeepLabConfig
 from zsp_jax.models.deeplab import convert as cv
-from zsp_jax.testing import unimatch_reference as ref_lib
-from zsp_jax.testing.deeplab_parity import nchw_to_nhwc, torch_reference
-from zsp_jax.testing.torch_utils import randomize_
+from zsp_jax.references import unimatch_model as ref_lib
+from zsp_jax.references.deeplab import nchw_to_nhwc, torch_reference
+from zsp_jax.references.torch_utils import randomize_
 from zsp_jax.utils.bench import relative_error
 from zsp_jax.utils.weights import ConversionError, load_weights
 

@@ -25,7 +25,7 @@ from flax import nnx
 
 from zsp_jax.models.deeplab import DeepLabConfig
 from zsp_jax.models.deeplab.convert import convert
-from zsp_jax.testing.deeplab_parity import (batch_stats_by_torch_key, nchw_to_nhwc, ours_from_torch,
+from zsp_jax.references.deeplab import (batch_stats_by_torch_key, nchw_to_nhwc, ours_from_torch,
                                             random_fp_masks, torch_reference)
 from zsp_jax.utils.bench import relative_error
 

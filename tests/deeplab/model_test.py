@@ -14,7 +14,7 @@ from zsp_jax.models.deeplab import (BACKBONE_PARAMS, HEAD_PARAMS, DeepLabConfig,
                                     param_group_labels)
 from zsp_jax.models.deeplab.convert import model_shapes
 from zsp_jax.models.deeplab.layers import ChannelDropout
-from zsp_jax.testing.deeplab_parity import nchw_to_nhwc, ours_from_torch, random_model, torch_reference
+from zsp_jax.references.deeplab import nchw_to_nhwc, ours_from_torch, random_model, torch_reference
 from zsp_jax.utils.bench import relative_error
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from zsp_jax.models.deeplab import DeepLabConfig
-from zsp_jax.testing.deeplab_parity import random_model
+from zsp_jax.references.deeplab import random_model
 from zsp_jax.utils.bench import relative_error
 
 TOL = 1e-4  # fp32 (the project's parity bar); only the order of the cross-device reductions differs

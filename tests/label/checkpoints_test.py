@@ -5,7 +5,8 @@ import os
 import pytest
 
 from zsp_jax.label import checkpoints as K
-from zsp_jax.testing.label_models import pytorch_checkpoints, tiny_checkpoints
+from zsp_jax.models.random_checkpoints import tiny_checkpoints
+from zsp_jax.references.checkpoints import pytorch_checkpoints
 
 
 def test_pytorch_files_are_converted_once(tmp_path):

@@ -5,7 +5,7 @@ import jax
 import pytest
 
 from zsp_jax.models.sam import SamConfig
-from zsp_jax.testing.amg import reference_pair
+from zsp_jax.references.amg import reference_pair
 
 SAM_IMAGE_SIZE = 256  # tiny SAM: 16 x 16 embedding grid
 
@@ -20,7 +20,7 @@ def clip_pair():
     """(open_clip model, GEM reference wrapper, our ClipModel, tokenizer) with the same random weights."""
     from zsp_jax.models.clip import ClipTokenizer
     from zsp_jax.models.clip.convert import convert_state_dict
-    from zsp_jax.testing.clip import gem_reference, tiny_open_clip
+    from zsp_jax.references.clip import gem_reference, tiny_open_clip
 
     ref = tiny_open_clip(quick_gelu=True, seed=3)
     ours = convert_state_dict(ref.state_dict(), "open_clip", act="quick_gelu").build()

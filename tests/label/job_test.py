@@ -15,8 +15,8 @@ from PIL import Image
 
 from zsp_jax.amg.geometry import Bucket
 from zsp_jax.label.job import split_work
-from zsp_jax.testing.amg import sample_images
-from zsp_jax.testing.label_models import tiny_checkpoints
+from zsp_jax.references.amg import sample_images
+from zsp_jax.models.random_checkpoints import tiny_checkpoints
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "tiny_label_config.py")

@@ -1,7 +1,7 @@
 """The labeller against a reference built from the PyTorch packages (segment-anything's generator,
 gem-torch, torch interpolation, the rules written out), same random weights, real photos.
 
-Random weights: the settings (``many_segments_config``) keep every candidate mask (no filters, no
+Random weights: the settings (``random_weight_label_config``) keep every candidate mask (no filters, no
 NMS), so each image has over a hundred overlapping segments; the thresholds are chosen so that
 segments fall on both sides of the no-class rule. Every test asserts that the comparison has
 content: many segments, several labels, background present.
@@ -9,10 +9,11 @@ content: many segments, several labels, background present.
 
 import numpy as np
 
-from zsp_jax.testing.label_models import make_options, many_segments_config
+from tests.fixtures.label_options import make_options
+from zsp_jax.models.random_checkpoints import random_weight_label_config
 from zsp_jax.label.labeller import Labeller
-from zsp_jax.testing.amg import sample_images
-from zsp_jax.testing.label_reference import ReferenceLabeller
+from zsp_jax.references.amg import sample_images
+from zsp_jax.references.label_reference import ReferenceLabeller
 
 
 def _compare(sam_pair, clip_pair, mesh, config, classes, sizes, *, min_labels):
@@ -39,7 +40,7 @@ def _compare(sam_pair, clip_pair, mesh, config, classes, sizes, *, min_labels):
 
 def test_default_rules_equal_reference(sam_pair, clip_pair, one_device_mesh):
     """Bilinear pooling, best cosine with a threshold, larger segments painted first, uncovered = 255."""
-    config = many_segments_config()
+    config = random_weight_label_config()
     config.threshold = 0.2
     seen = _compare(sam_pair, clip_pair, one_device_mesh, config, "voc", [(150, 200), (140, 230), (160, 180)],
                     min_labels=4)
@@ -50,7 +51,7 @@ def test_other_rules_equal_reference(sam_pair, clip_pair, one_device_mesh, tmp_p
     """Area pooling, softmax rule, background prompts, synonyms (mean), IoU paint order, uncovered = 0."""
     classes = tmp_path / "classes.txt"
     classes.write_text("cat: cat; kitten\ndog\nbird: bird; parrot; eagle\n# a comment\ncar\nperson: person; man\n")
-    config = many_segments_config()
+    config = random_weight_label_config()
     config.amg.points_per_side = 6
     config.amg.max_masks = 108
     config.pooling = "area"

@@ -6,9 +6,10 @@ of a cosine (never a label here)."""
 import jax
 import numpy as np
 
-from zsp_jax.testing.label_models import make_options, many_segments_config
+from tests.fixtures.label_options import make_options
+from zsp_jax.models.random_checkpoints import random_weight_label_config
 from zsp_jax.label.labeller import Labeller
-from zsp_jax.testing.amg import sample_images
+from zsp_jax.references.amg import sample_images
 from zsp_jax.utils.sharding import data_mesh
 
 SIZES = [(150, 200), (140, 230), (180, 256), (129, 193), (192, 240), (160, 210), (135, 250), (170, 199)]
@@ -18,7 +19,7 @@ def test_eight_devices_equal_one(sam_pair, clip_pair):
     assert jax.device_count() >= 8
     _, sam = sam_pair
     _, _, clip, tokenizer = clip_pair
-    config = many_segments_config()
+    config = random_weight_label_config()
     config.amg.points_per_side = 4
     config.amg.max_masks = 48
     config.write_confidence = True

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from zsp_jax.models.sam import SamConfig
-from zsp_jax.testing import sam as sam_testing
+from zsp_jax.references import sam as sam_refs
 
 
 @pytest.fixture(scope="session")
@@ -17,8 +17,8 @@ def tiny_config() -> SamConfig:
 @pytest.fixture(scope="session")
 def tiny_pair(tiny_config):
     """(segment-anything Sam with every tensor random, zsp_jax Sam with the converted weights)."""
-    ref = sam_testing.reference_sam(tiny_config, seed=0)
-    return ref, sam_testing.flax_sam_from_reference(ref, tiny_config)
+    ref = sam_refs.reference_sam(tiny_config, seed=0)
+    return ref, sam_refs.flax_sam_from_reference(ref, tiny_config)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import torch
 
 from zsp_jax.models.sam import SamConfig, convert_checkpoint, convert_sam_state_dict, infer_config, load_sam
 from zsp_jax.models.sam import convert as C
-from zsp_jax.testing import sam as sam_testing
+from zsp_jax.references import sam as sam_refs
 from zsp_jax.utils.bench import relative_error
 from zsp_jax.utils.weights import ConversionError
 
@@ -50,10 +50,10 @@ def test_round_trip_through_a_checkpoint_file(tmp_path, tiny_config, tiny_pair, 
     s = tiny_config.image_size
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, s, s, 3)).astype(np.float32)
-    coords, labels, boxes, _ = sam_testing.random_prompts(rng, 1, 3, 2, s)
+    coords, labels, boxes, _ = sam_refs.random_prompts(rng, 1, 3, 2, s)
     with torch.no_grad():
         emb = ref.image_encoder(torch.from_numpy(x).permute(0, 3, 1, 2))
-    want_low, want_iou = sam_testing.reference_decode(ref, emb, torch.from_numpy(coords[0]),
+    want_low, want_iou = sam_refs.reference_decode(ref, emb, torch.from_numpy(coords[0]),
                                                       torch.from_numpy(labels[0]), torch.from_numpy(boxes[0]),
                                                       multimask_output=True)
     ours_emb = jax.jit(lambda m, x: m.embed(x))(model, jnp.asarray(x))

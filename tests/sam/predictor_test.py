@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from zsp_jax.models.sam import SamPredictor
-from zsp_jax.testing import sam as sam_testing
+from zsp_jax.references import sam as sam_refs
 from zsp_jax.utils.bench import relative_error
 
 TOL = 1e-4
@@ -31,7 +31,7 @@ def check(ours_out, ref_masks, ref_iou, ref_low, ref_logits):
     assert masks.shape == ref_masks.shape and masks.dtype == bool
     assert relative_error(low, ref_low) <= TOL
     assert relative_error(iou, ref_iou) <= TOL
-    bad, _ = sam_testing.mask_disagreement(masks, ref_logits)
+    bad, _ = sam_refs.mask_disagreement(masks, ref_logits)
     assert bad == 0
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from zsp_jax.models.sam import SamConfig, SamPredictor, convert_checkpoint, load_sam
-from zsp_jax.testing import sam as sam_testing
+from zsp_jax.references import sam as sam_refs
 from zsp_jax.utils.bench import relative_error
 
 pytestmark = pytest.mark.full_size
@@ -29,7 +29,7 @@ TOL = 1e-4
 def vit_b(tmp_path_factory, photos):
     from segment_anything import SamPredictor as RefPredictor
 
-    ref = sam_testing.registry_sam("vit_b", seed=0)
+    ref = sam_refs.registry_sam("vit_b", seed=0)
     tmp = tmp_path_factory.mktemp("vit_b")
     torch.save(ref.state_dict(), tmp / "sam_vit_b.pth")
     config = convert_checkpoint(tmp / "sam_vit_b.pth", tmp / "sam_vit_b.safetensors", variant="vit_b")
@@ -82,7 +82,7 @@ def test_final_masks(vit_b, kind):
     ref_logits = vit_b[f"ref_{kind}"][0]
     logits = vit_b[f"ours_{kind}"][0]
     assert logits.shape == ref_logits.shape and logits.shape[-2:] == (300, 451)
-    bad, near = sam_testing.mask_disagreement(logits > 0, ref_logits)
+    bad, near = sam_refs.mask_disagreement(logits > 0, ref_logits)
     assert bad == 0, f"{bad} pixels differ away from the threshold ({near} within 1e-3 of it)"
     assert 0.01 < np.mean(ref_logits > 0) < 0.99  # the masks are not trivially empty or full
 
@@ -142,7 +142,7 @@ def test_prompt_encoder_and_mask_decoder(vit_b, kind):
     rng = np.random.default_rng(5)
     n = 4
     emb = rng.normal(size=(1, 64, 64, 256)).astype(np.float32)
-    coords, labels, boxes, masks = sam_testing.random_prompts(rng, 1, n, 2, 1024)
+    coords, labels, boxes, masks = sam_refs.random_prompts(rng, 1, n, 2, 1024)
     use_b, use_m = "boxes" in kind, "masks" in kind
     args = (jnp.asarray(coords), jnp.asarray(labels), jnp.asarray(boxes) if use_b else None,
             jnp.asarray(masks) if use_m else None)
@@ -157,7 +157,7 @@ def test_prompt_encoder_and_mask_decoder(vit_b, kind):
     assert relative_error(jnp.broadcast_to(dense, (1, n, 64, 64, 256))[0], nhwc(want_dense)) <= TOL
     for multimask in (True, False):
         low, iou = jax.jit(lambda m, *a: m.decode(*a, multimask_output=multimask))(model, jnp.asarray(emb), *args)
-        want_low, want_iou = sam_testing.reference_decode(
+        want_low, want_iou = sam_refs.reference_decode(
             ref, nchw(emb), torch.from_numpy(coords[0]), torch.from_numpy(labels[0]), t_boxes, t_masks,
             multimask_output=multimask)
         assert low.shape == (1, n, 3 if multimask else 1, 256, 256)

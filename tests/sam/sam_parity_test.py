@@ -15,7 +15,7 @@ from flax import nnx
 
 from zsp_jax.models.sam import SamConfig, postprocess_masks, preprocess
 from zsp_jax.models.sam.image_encoder import EncoderBlock, chunk_plan
-from zsp_jax.testing import sam as sam_testing
+from zsp_jax.references import sam as sam_refs
 from zsp_jax.utils.bench import relative_error
 
 TOL = 1e-4
@@ -106,7 +106,7 @@ def test_dense_positional_encoding(tiny_pair):
 def test_prompt_encoder(tiny_config, tiny_pair, rng, kind):
     ref, ours = tiny_pair
     b, n, p = 2, 5, 3
-    coords, labels, boxes, masks = sam_testing.random_prompts(rng, b, n, p, tiny_config.image_size)
+    coords, labels, boxes, masks = sam_refs.random_prompts(rng, b, n, p, tiny_config.image_size)
     use_p, use_b, use_m = "points" in kind, "boxes" in kind, "masks" in kind
     sparse, dense = ours.prompt_encoder(
         jnp.asarray(coords) if use_p else None, jnp.asarray(labels) if use_p else None,
@@ -130,7 +130,7 @@ def test_mask_decoder(tiny_config, tiny_pair, rng, kind, multimask):
     b, n, p = 2, 4, 2
     g = tiny_config.grid_size
     emb = np.random.default_rng(3).normal(size=(b, g, g, 256)).astype(np.float32)
-    coords, labels, boxes, masks = sam_testing.random_prompts(rng, b, n, p, tiny_config.image_size)
+    coords, labels, boxes, masks = sam_refs.random_prompts(rng, b, n, p, tiny_config.image_size)
     use_p, use_b, use_m = "points" in kind, "boxes" in kind, "masks" in kind
     low, iou = jax.jit(lambda m, *a: m.decode(*a, multimask_output=multimask))(
         ours, jnp.asarray(emb), jnp.asarray(coords) if use_p else None, jnp.asarray(labels) if use_p else None,
@@ -138,7 +138,7 @@ def test_mask_decoder(tiny_config, tiny_pair, rng, kind, multimask):
     k = 3 if multimask else 1
     assert low.shape == (b, n, k, 4 * g, 4 * g) and iou.shape == (b, n, k)
     for i in range(b):
-        want_low, want_iou = sam_testing.reference_decode(
+        want_low, want_iou = sam_refs.reference_decode(
             ref, nchw(emb[i:i + 1]), torch.from_numpy(coords[i]) if use_p else None,
             torch.from_numpy(labels[i]) if use_p else None, torch.from_numpy(boxes[i]) if use_b else None,
             nchw(masks[i]) if use_m else None, multimask_output=multimask)
@@ -179,7 +179,7 @@ def test_end_to_end(tiny_config, tiny_pair, photos):
         assert relative_error(iou[0], out["iou_predictions"].numpy()) <= TOL
         assert relative_error(full, want_full) <= TOL
         assert np.array_equal(out["masks"].numpy(), want_full > 0)
-        bad, near = sam_testing.mask_disagreement(np.asarray(full) > 0, want_full)
+        bad, near = sam_refs.mask_disagreement(np.asarray(full) > 0, want_full)
         assert bad == 0, f"{bad} mask pixels differ away from the threshold ({near} pixels within 1e-3 of it)"
 
 
@@ -200,13 +200,13 @@ def test_split_state_under_jit(tiny_config, tiny_pair, rng):
     ref, ours = tiny_pair
     s = tiny_config.image_size
     x = rng.normal(size=(1, s, s, 3)).astype(np.float32)
-    coords, labels, _, _ = sam_testing.random_prompts(rng, 1, 3, 1, s)
+    coords, labels, _, _ = sam_refs.random_prompts(rng, 1, 3, 1, s)
     graphdef, state = nnx.split(ours)
     fn = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a, multimask_output=False))
     low, iou = fn(state, jnp.asarray(x), jnp.asarray(coords), jnp.asarray(labels))
     with torch.no_grad():
         emb = ref.image_encoder(nchw(x))
-    want_low, want_iou = sam_testing.reference_decode(ref, emb, torch.from_numpy(coords[0]),
+    want_low, want_iou = sam_refs.reference_decode(ref, emb, torch.from_numpy(coords[0]),
                                                       torch.from_numpy(labels[0]), multimask_output=False)
     assert relative_error(low[0], want_low) <= TOL and relative_error(iou[0], want_iou) <= TOL
 
@@ -226,11 +226,11 @@ def test_bf16_stays_close_to_fp32(tiny_config, tiny_pair, param_dtype):
     The README states the vit_b figures from tools/bench_sam.py.
     """
     ref, f32 = tiny_pair
-    bf16 = sam_testing.flax_sam_from_reference(ref, tiny_config, dtype=jnp.bfloat16, param_dtype=param_dtype)
+    bf16 = sam_refs.flax_sam_from_reference(ref, tiny_config, dtype=jnp.bfloat16, param_dtype=param_dtype)
     rng = np.random.default_rng(0)
     s = tiny_config.image_size
     x = rng.normal(size=(2, s, s, 3)).astype(np.float32)
-    coords, labels, boxes, _ = sam_testing.random_prompts(rng, 2, 4, 2, s)
+    coords, labels, boxes, _ = sam_refs.random_prompts(rng, 2, 4, 2, s)
     run = jax.jit(lambda m, *a: (m.embed(a[0]),) + m(*a, multimask_output=True))
     emb32, low32, iou32 = run(f32, x, coords, labels, boxes)
     emb16, low16, iou16 = run(bf16, x, coords, labels, boxes)

@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from zsp_jax.testing import sam as sam_testing
+from zsp_jax.references import sam as sam_refs
 from zsp_jax.utils.bench import relative_error
 
 
@@ -19,7 +19,7 @@ def test_embed_and_decode_sharded_over_eight_devices(tiny_config, tiny_pair, num
     b = num_devices
     rng = np.random.default_rng(0)
     images = rng.normal(size=(b, s, s, 3)).astype(np.float32)
-    coords, labels, boxes, _ = sam_testing.random_prompts(rng, b, 4, 2, s)
+    coords, labels, boxes, _ = sam_refs.random_prompts(rng, b, 4, 2, s)
     graphdef, state = nnx.split(model)
 
     def run(state, images, coords, labels, boxes):

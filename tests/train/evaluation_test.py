@@ -1,4 +1,4 @@
-"""Evaluation against a literal re-statement of UniMatch's ``evaluate`` (``zsp_jax.testing.unimatch_step``) on a
+"""Evaluation against a literal re-statement of UniMatch's ``evaluate`` (``zsp_jax.references.unimatch_step``) on a
 randomised tiny model: the three modes with exact shapes (``eval.bucket = 0``) give the reference's predictions
 and IoUs, sharded over 8 devices; bucketed canvases compile fewer programs; ``python -m zsp_jax.evaluate``
 reads a UniMatch training checkpoint (``.pth``) and a converted ``.safetensors`` and reports the reference's
@@ -20,8 +20,8 @@ from zsp_jax import metrics
 from zsp_jax.data import augment, decode, readers, sources, splits, synthetic
 from zsp_jax.models.deeplab import DeepLabConfig
 from zsp_jax.models.deeplab import convert as deeplab_convert
-from zsp_jax.testing import unimatch_step
-from zsp_jax.testing.deeplab_parity import ours_from_torch, torch_reference
+from zsp_jax.references import unimatch_step
+from zsp_jax.references.deeplab import ours_from_torch, torch_reference
 from zsp_jax.train import evaluation
 from zsp_jax.train import state as state_lib
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import torch
 
-from zsp_jax.testing import unimatch_step
+from zsp_jax.references import unimatch_step
 from zsp_jax.train import state as state_lib
 
 LR, MULTI, TOTAL, STEPS = 0.01, 10.0, 12, 12

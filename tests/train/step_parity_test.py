@@ -1,5 +1,5 @@
 """Step parity with UniMatch: our pure train step against a PyTorch UniMatch step (a literal re-statement of
-``unimatch.py``, ``zsp_jax.testing.unimatch_step``) on the same weights, batch, CutMix boxes and
+``unimatch.py``, ``zsp_jax.references.unimatch_step``) on the same weights, batch, CutMix boxes and
 feature-perturbation masks: every loss term, every gradient, the BatchNorm running statistics and the
 parameters after SGD steps with the poly schedule (fp64 <= 1e-9, fp32 <= 1e-4 relative)."""
 
@@ -17,8 +17,8 @@ from flax import nnx
 
 from zsp_jax.models.deeplab import DeepLabConfig
 from zsp_jax.models.deeplab.convert import convert
-from zsp_jax.testing import unimatch_step
-from zsp_jax.testing.deeplab_parity import ours_from_torch, random_fp_masks, torch_reference
+from zsp_jax.references import unimatch_step
+from zsp_jax.references.deeplab import ours_from_torch, random_fp_masks, torch_reference
 from zsp_jax.train import state as state_lib
 from zsp_jax.train import step as step_lib
 from zsp_jax.utils.bench import relative_error

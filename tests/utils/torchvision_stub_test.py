@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zsp_jax.testing import torchvision_stub
+from zsp_jax.references import torchvision_stub
 
 
 def _greedy_nms_numpy(boxes, scores, thresh):

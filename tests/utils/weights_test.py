@@ -5,7 +5,7 @@ import pytest
 import torch
 from flax import nnx
 
-from zsp_jax.testing.torch_utils import randomize_
+from zsp_jax.references.torch_utils import randomize_
 from zsp_jax.utils import weights as W
 
 

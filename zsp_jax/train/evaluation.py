@@ -1,6 +1,6 @@
 """Sharded, static-shape evaluation: mIoU of a DeepLabV3+ on the validation list, UniMatch's modes.
 
-Modes (UniMatch ``supervised.py: evaluate``, re-stated; ``zsp_jax.testing.unimatch_step.evaluate``
+Modes (UniMatch ``supervised.py: evaluate``, re-stated; ``zsp_jax.references.unimatch_step.evaluate``
 is the literal re-statement the tests compare with):
 
 * ``original``: the whole image at its own resolution (UniMatch's PASCAL / COCO setting).

@@ -36,7 +36,7 @@ from flax import nnx
 from zsp_jax.models.clip import gem as gem_lib
 from zsp_jax.models.clip.attention import attention
 from zsp_jax.models.clip.config import ClipConfig, GemConfig
-from zsp_jax.models.clip.resample import resize_matrix
+from zsp_jax.utils.resize import resize_matrix
 
 Array = jax.Array
 DType = Any

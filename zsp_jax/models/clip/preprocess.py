@@ -9,7 +9,7 @@ Two implementations with the same result:
   reproduces PIL's 8-bit bicubic resize bit for bit: PIL computes the antialiased a=-0.5
   cubic weights in double precision, rounds them to 22-bit fixed point, resizes horizontally
   then vertically, and rounds/clips to uint8 after each pass; we do the same integer
-  arithmetic with int32 matrix products (see ``zsp_jax.models.clip.resample``).
+  arithmetic with int32 matrix products (see ``zsp_jax.utils.resize``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zsp_jax.models.clip.config import GEM_IMAGE_SIZE
-from zsp_jax.models.clip.resample import antialias_bicubic_matrix
+from zsp_jax.utils.resize import antialias_bicubic_matrix
 
 # OpenAI CLIP's image normalisation (open_clip.constants.OPENAI_DATASET_MEAN / _STD).
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -1,4 +1,4 @@
-"""Helpers for parity tests against PyTorch reference models."""
+"""Helpers for parity against PyTorch reference models."""
 
 from __future__ import annotations
 

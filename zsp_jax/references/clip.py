@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from zsp_jax.testing import torchvision_stub
-from zsp_jax.testing.torch_utils import randomize_
+from zsp_jax.references import torchvision_stub
+from zsp_jax.references.torch_utils import randomize_
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train",

@@ -25,7 +25,7 @@ def reference_pair(config: Any, seed: int = 0) -> tuple[Any, Any]:
     """(segment-anything Sam (eval, random weights, real normalisation), zsp_jax Sam with the same weights)."""
     import torch
 
-    from zsp_jax.testing.sam import flax_sam_from_reference, reference_sam
+    from zsp_jax.references.sam import flax_sam_from_reference, reference_sam
 
     ref = reference_sam(config, seed=seed)
     with torch.no_grad():

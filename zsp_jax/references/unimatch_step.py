@@ -10,7 +10,7 @@ rate for the next iteration. ``mode="zsp"`` swaps the weak-view targets for give
 labels with ``CrossEntropyLoss(label_smoothing=eps, ignore_index=255)`` (the paper's loss) and
 skips the eval-mode forward, whose prediction it does not use (as ours does).
 
-The model is ``zsp_jax.testing.unimatch_reference.DeepLabV3Plus``; its ``fp_masks`` argument
+The model is ``zsp_jax.references.unimatch_model.DeepLabV3Plus``; its ``fp_masks`` argument
 replaces ``Dropout2d(0.5)`` so that both sides drop the same channels. Tensors are NCHW.
 """
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from zsp_jax.testing import torchvision_stub
+from zsp_jax.references import torchvision_stub
 
 
 @dataclasses.dataclass
@@ -41,7 +41,7 @@ class ReferenceLabeller:
       sam: a segment-anything ``Sam`` (eval mode).
       amg_kwargs: ``SamAutomaticMaskGenerator`` keyword arguments (``AmgOptions.reference_kwargs()``).
       open_clip_model: an open_clip ``CLIP`` (its text tower embeds the prompts).
-      gem_wrapper: gem-torch's wrapper of the same model (``zsp_jax.testing.clip.gem_reference``).
+      gem_wrapper: gem-torch's wrapper of the same model (``zsp_jax.references.clip.gem_reference``).
       prompts: the prompt names, one per row; row_labels: (P,) label value of each row.
       rules: ``zsp_jax.label.options.Rules``.
       clip_size, templates: GEM's input size and the prompt templates.

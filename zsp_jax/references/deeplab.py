@@ -15,12 +15,12 @@ from zsp_jax.utils.weights import build_with_weights
 
 
 def torch_reference(config: DeepLabConfig, seed: int = 0) -> Any:
-    """UniMatch's DeepLabV3+ in PyTorch (``zsp_jax.testing.unimatch_reference``) for ``config``,
+    """UniMatch's DeepLabV3+ in PyTorch (``zsp_jax.references.unimatch_model``) for ``config``,
     every tensor randomised (``randomize_``), in eval mode."""
-    from zsp_jax.testing import unimatch_reference
-    from zsp_jax.testing.torch_utils import randomize_
+    from zsp_jax.references import unimatch_model
+    from zsp_jax.references.torch_utils import randomize_
 
-    return randomize_(unimatch_reference.build(config), seed).eval()
+    return randomize_(unimatch_model.build(config), seed).eval()
 
 
 def ours_from_torch(config: DeepLabConfig, torch_model: Any, *, dtype: Any = None,

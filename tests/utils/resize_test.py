@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zsp_jax.models.clip.resample import resize_matrix
+from zsp_jax.utils.resize import resize_matrix
 
 SIZES = [(14, 14, 28, 28), (7, 7, 28, 20), (24, 24, 32, 32), (14, 14, 7, 7), (16, 16, 5, 9), (20, 20, 13, 13),
          (3, 50, 11, 17), (14, 14, 14, 30)]

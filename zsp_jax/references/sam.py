@@ -4,7 +4,7 @@
 config's numbers (the registry builders fix the image size at 1024), randomises every tensor
 (random init leaves LayerNorms at 1/0 and the relative-position tables at 0) and returns it
 in eval mode. ``flax_sam_from_reference`` converts it with the production rule table. Needs
-torch and the torchvision stand-in (``zsp_jax.testing.torchvision_stub.install()``), which
+torch and the torchvision stand-in (``zsp_jax.references.torchvision_stub.install()``), which
 tests/conftest.py installs.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from zsp_jax.models.sam.config import SamConfig
-from zsp_jax.testing.torch_utils import randomize_
+from zsp_jax.references.torch_utils import randomize_
 
 
 def reference_sam(config: SamConfig, *, seed: int = 0, randomize: bool = True) -> Any:
