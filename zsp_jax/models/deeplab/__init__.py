@@ -2,7 +2,7 @@
 feature perturbation, and converters from UniMatch / torchvision checkpoints."""
 
 from zsp_jax.models.deeplab.config import DeepLabConfig
-from zsp_jax.models.deeplab.layers import resize_bilinear_align_corners
+from zsp_jax.utils.resize import resize_bilinear_align_corners
 from zsp_jax.models.deeplab.model import (BACKBONE_PARAMS, HEAD_PARAMS, DeepLabV3Plus, param_group,
                                           param_group_labels)
 

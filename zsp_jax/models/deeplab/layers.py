@@ -1,6 +1,6 @@
 """Building blocks of DeepLabV3+ with PyTorch's semantics: convolution (``Conv2d``, with exact
-fast paths chosen from static shapes), BatchNorm, conv+BN, max-pool, bilinear resize with
-``align_corners=True``, channel dropout.
+fast paths chosen from static shapes), BatchNorm, conv+BN, max-pool, channel dropout (the bilinear
+resize with ``align_corners=True`` is ``zsp_jax.utils.resize.resize_bilinear_align_corners``).
 
 Why our own BatchNorm rather than ``nnx.BatchNorm``: PyTorch (and UniMatch's SyncBatchNorm)
 update the running variance with the *unbiased* batch variance (``n / (n - 1)``), which
@@ -16,13 +16,13 @@ all-reduce, so every device normalises with the statistics of the whole batch, w
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
 
 Array = jax.Array
 
@@ -213,63 +213,6 @@ def max_pool_3x3_s2(x: Array) -> Array:
     """``nn.MaxPool2d(3, stride=2, padding=1)`` on NHWC (padding never wins: it is -inf)."""
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                  ((0, 0), (1, 1), (1, 1), (0, 0)))
-
-
-@functools.lru_cache(maxsize=256)
-def align_corners_matrix(out_size: int, in_size: int, dtype: str = "float32") -> np.ndarray:
-    """(out_size, in_size) matrix of 1-D linear interpolation with ``align_corners=True``.
-
-    Output i samples input position ``i * (in - 1) / (out - 1)`` (0 when either size is 1),
-    computed in ``dtype`` (fp32, or fp64 for fp64 inputs) as PyTorch does; each row has weights
-    ``1 - t`` and ``t`` on the two neighbours, so rows sum to 1.
-    """
-    ft = np.dtype(dtype).type
-    w = np.zeros((out_size, in_size), ft)
-    if out_size == 1 or in_size == 1:
-        w[:, 0] = 1.0
-        return w
-    scale = ft((in_size - 1) / (out_size - 1))
-    src = np.arange(out_size, dtype=ft) * scale
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    t = (src - i0.astype(ft)).astype(ft)
-    rows = np.arange(out_size)
-    np.add.at(w, (rows, i0), 1.0 - t)
-    np.add.at(w, (rows, i1), t)
-    return w
-
-
-def resize_bilinear_align_corners(x: Array, size: tuple[int, int]) -> Array:
-    """``F.interpolate(x, size, mode="bilinear", align_corners=True)`` for NHWC ``x``.
-
-    ``jax.image.resize`` samples at half-pixel centres (align_corners=False) and has no
-    align-corners mode, so the resize is done as two small dense interpolation matrices,
-    built on the host from the static shapes, applied with ``einsum`` (up- and down-sampling
-    alike, no antialiasing, as PyTorch). Matmuls map onto the MXU/tensor cores, and their
-    gradients are matmuls too (a gather would give a scatter-add in the backward pass).
-
-    Args:
-      x: (B, H, W, C) float.
-      size: (H_out, W_out) static.
-
-    Returns:
-      (B, H_out, W_out, C), x's dtype.
-    """
-    h, w = x.shape[1:3]
-    oh, ow = size
-    if (oh, ow) == (h, w):
-        return x
-    if (h, w) == (1, 1):
-        return jnp.broadcast_to(x, (x.shape[0], oh, ow, x.shape[3]))
-    exact = "float64" if x.dtype == jnp.float64 else "float32"
-    mh = jnp.asarray(align_corners_matrix(oh, h, exact), x.dtype)
-    mw = jnp.asarray(align_corners_matrix(ow, w, exact), x.dtype)
-    # contract the axis that shrinks the intermediate most first
-    if oh * w <= h * ow:
-        y = jnp.einsum("oh,bhwc->bowc", mh, x)
-        return jnp.einsum("pw,bowc->bopc", mw, y)
-    y = jnp.einsum("pw,bhwc->bhpc", mw, x)
-    return jnp.einsum("oh,bhpc->bopc", mh, y)
 
 
 class ChannelDropout(nnx.Module):

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zsp_jax.models.deeplab.config import DeepLabConfig
-from zsp_jax.models.deeplab.layers import (ChannelDropout, ConvBN, conv, resize_bilinear_align_corners,
-                                           torch_default_kernel_init)
+from zsp_jax.models.deeplab.layers import ChannelDropout, ConvBN, conv, torch_default_kernel_init
 from zsp_jax.models.deeplab.resnet import ResNet
 from zsp_jax.models.deeplab.xception import Xception
+from zsp_jax.utils.resize import resize_bilinear_align_corners
 
 Array = jax.Array
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import jax
 import jax.numpy as jnp
 
-from zsp_jax.models.deeplab.layers import align_corners_matrix, resize_bilinear_align_corners
+from zsp_jax.utils.resize import align_corners_matrix, resize_bilinear_align_corners
 from zsp_jax.utils.bench import relative_error
 
 SIZES = [
