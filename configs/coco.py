@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.mode = a.mode                        # zsp (the paper) | unimatch (UniMatch V1) | supervised (labelled only)
     c.train.batch_size = 8                       # labelled (= unlabelled) images per step, all devices: 2 x 4 GPUs
+    c.train.loss_groups = 4                      # losses normalised per 2+2 images, as on UniMatch's 4 GPUs
     c.train.crop_size = a.crop
     c.train.epochs = 30                          # passes over the unlabelled set (UniMatch's)
     c.train.max_steps = 0                        # stop after this many steps (0: epochs x steps per epoch)

@@ -67,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.fusion_thresh = 0.95
     c.train.relabel_first_mode = "unimatch"
     c.train.relabel_vote = 0.5
+    c.train.loss_groups = 1                      # losses normalised over the whole batch (voc.py: per GPU of UniMatch)
     c.train.fsdp = 1
     c.train.num_devices = 0
     c.train.matmul_precision = "default"

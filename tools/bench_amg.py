@@ -16,6 +16,12 @@ Run (about 15 minutes for vit_b, 32x32 points, 2 images of 480x640 on 2 CPU core
 is the reference):
 
     python tools/bench_amg.py --variant vit_b --points-per-side 32 --images 2
+
+``--phases`` times the steps of our exact mode on one image as programs of their own (encoder,
+prompt decoding with and without the upscaling, the filters' statistics, the NMS, the kept masks
+at full resolution) and prints the machine's load beside each figure, then stops:
+
+    python tools/bench_amg.py --variant vit_b --points-per-side 32 --phases
 """
 
 from __future__ import annotations
@@ -34,13 +40,81 @@ def _rss_gb() -> float:
     return peak_rss_bytes() / 1e9
 
 
-def _memory_line(compiled) -> str:
-    try:
-        m = compiled.memory_analysis()
-        total = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-        return f"XLA buffers {total / 2**30:.2f} GiB (temporaries {m.temp_size_in_bytes / 2**30:.2f} GiB)"
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        return "XLA buffers: n/a"
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
+def time_phases(model, options, image, *, decoder_group: int = 4, mask_chunk: int = 4, repeats: int = 2) -> None:
+    """Prints the seconds of each step of ``generate_padded`` on one image, each step compiled on its own."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from zsp_jax.amg import Bucket, Plan, generate_padded, prepare_inputs
+    from zsp_jax.amg.decoder import point_decoder
+    from zsp_jax.amg.generate import decode_candidates, filter_candidates, gather_candidates
+    from zsp_jax.amg.inputs import encoder_input
+    from zsp_jax.amg.mask_chunks import scan_mask_chunks
+    from zsp_jax.amg.nms import nms_padded
+    from zsp_jax.utils import bench
+
+    o = options
+    plan = Plan.create(o, model.config.image_size, Bucket.for_size(image.shape[:2], o.bucket), mask_chunk=mask_chunk)
+    layer = plan.layers[0]
+    grid, grid_valid = (jnp.asarray(a) for a in plan.grid_arrays()[0])
+    inputs = jax.tree.map(jnp.asarray, prepare_inputs([image], plan, as_uint8=True))
+    crop_box, input_hw = inputs.crop_boxes[0][:, 0], inputs.input_hw[0][:, 0]
+    graphdef, state = nnx.split(model)
+
+    def decoder(state):
+        return point_decoder(nnx.merge(graphdef, state), group=decoder_group)
+
+    embed = jax.jit(lambda st, x: nnx.merge(graphdef, st).embed(encoder_input(x, input_hw, plan.image_size)))
+    context = jax.jit(lambda st, e: decoder(st).image_context(e))
+
+    def decode(st, ctx, skip_threshold):
+        options_used = plan.options.replace(pred_iou_thresh=skip_threshold)
+        used = Plan.create(options_used, plan.image_size, plan.bucket, mask_chunk=mask_chunk)
+        return decode_candidates(decoder(st), ctx, grid, crop_box, input_hw, used.layers[0], used)
+
+    decode = jax.jit(decode, static_argnums=2)
+    filters = jax.jit(lambda low, iou: filter_candidates(low, iou, grid_valid, crop_box, input_hw, inputs.image_hw,
+                                                         layer, plan))
+    nms = jax.jit(lambda bx, sc, v: jax.vmap(lambda b, s, k: nms_padded(b, s, k, o.box_nms_thresh, o.max_masks,
+                                                                      count_all=True))(bx, sc, v))
+
+    def masks(low, idx, valid):
+        k = o.max_masks
+        low_kept = gather_candidates(low, idx)
+        boxes = jnp.broadcast_to(crop_box[:, None], (1, k, 4))
+        hw = jnp.broadcast_to(input_hw[:, None], (1, k, 2))
+        return scan_mask_chunks(lambda c, m, _: (c + jnp.sum(m, dtype=jnp.int32), None), jnp.int32(0), low_kept,
+                                hw, boxes, inputs.image_hw, plan, valid)[0]
+
+    masks = jax.jit(masks)
+    whole = jax.jit(lambda st, x: generate_padded(nnx.merge(graphdef, st).embed, decoder(st), x, plan,
+                                                  return_masks=False, return_low_res=True))
+
+    def timed(name, fn, *args):
+        t = bench.time_fn(lambda: fn(*args), warmup=1, repeats=repeats)
+        print(f"   phase {name}: {t:.2f} s (load {_load()})", flush=True)
+        return fn(*args)
+
+    threshold = o.pred_iou_thresh if o.pred_iou_thresh > 0 else 0.0
+    emb = timed("SAM encoder", embed, state, inputs.images[0][:, 0])
+    ctx = timed("decoder image context", context, state, emb)
+    timed("prompt decoding, transformer only (every upscaling skipped)", decode, state, ctx, 1e9)
+    timed("prompt decoding, every prompt upscaled", decode, state, ctx, 0.0)
+    low, iou = timed(f"prompt decoding, upscaling skipped below the IoU filter ({threshold})", decode, state, ctx,
+                     threshold)
+    keep, stability, boxes, _ = timed("IoU filter + stability scores + boxes + crop-edge filter", filters, low, iou)
+    idx, valid, count = timed("box NMS", nms, boxes, iou, keep)
+    timed("kept masks at full resolution (upsampled and thresholded, mask_chunk at a time)", masks, low, idx, valid)
+    timed("generate_padded as the labeller calls it (all of the above but the kept masks)", whole, state, inputs)
+    n_iou = int(jnp.sum(iou > o.pred_iou_thresh))
+    print(f"   candidates {iou.size}, above the IoU filter {n_iou}, after stability and edge {int(keep.sum())}, "
+          f"after NMS {int(count[0])}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--decoder", default="amg", choices=["amg", "model"])
+    p.add_argument("--phases", action="store_true", help="time each step of our exact mode on one image and stop")
     from zsp_jax.utils.bench import add_precision_flag
 
     add_precision_flag(p)
@@ -61,12 +136,10 @@ def main(argv: list[str] | None = None) -> None:
 
     torchvision_stub.install()
     import jax
-    import jax.numpy as jnp
     import torch
-    from flax import nnx
 
-    from zsp_jax.amg import AmgOptions, AutomaticMaskGenerator
-    from zsp_jax.amg.decoder import point_decoder
+    from zsp_jax.amg import AmgOptions, AutomaticMaskGenerator, Bucket
+    from zsp_jax.amg.decoder import decode_flops_per_prompt
     from zsp_jax.models.sam import SamConfig
     from zsp_jax.models.sam.image_encoder import encoder_flops
     from zsp_jax.references.amg import match_records, reference_pair, sample_images
@@ -98,21 +171,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"   options: pred_iou_thresh={base.pred_iou_thresh} stability_score_thresh={base.stability_score_thresh} "
           f"stability_score_offset={base.stability_score_offset} box_nms_thresh={base.box_nms_thresh} "
           f"points_per_batch={base.points_per_batch} (other options: segment-anything's defaults)")
+    if args.phases:
+        time_phases(model, base, images[0])
+        return
 
     # ------------------------------------------------------------------ FLOPs of the device work
-    gd, st = nnx.split(model)
     # Analytic: XLA's cost analysis counts a lax.map body once, and the CPU default chunks global
     # attention with lax.map, so its count of the encoder falls short.
     flops_embed = encoder_flops(config)
-    group = 4
-    flops_group = bench.compiled_flops(
-        jax.jit(lambda st, e, q: point_decoder(nnx.merge(gd, st), group=group, upscale_rows=config.grid_size)(e, q)),
-        st, jax.ShapeDtypeStruct((1, config.grid_size, config.grid_size, config.prompt_dim), jnp.float32),
-        jax.ShapeDtypeStruct((1, group, 2), jnp.float32))
+    flops_prompt = decode_flops_per_prompt(model) or 0.0
     n_prompts = args.points_per_side ** 2
-    flops_image = (flops_embed or 0) + (flops_group or 0) / group * n_prompts
+    flops_image = (flops_embed or 0) + flops_prompt * n_prompts
     print(f"   device FLOPs per image: encoder {(flops_embed or 0) / 1e9:.0f} G + decoder "
-          f"{(flops_group or 0) / group / 1e9:.2f} G x {n_prompts} prompts = {flops_image / 1e9:.0f} GFLOP")
+          f"{flops_prompt / 1e9:.2f} G x {n_prompts} prompts = {flops_image / 1e9:.0f} GFLOP (every prompt upscaled)")
 
     # ------------------------------------------------------------------ ours
     results = {}
@@ -120,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         options = base.replace(mode=mode)
         gen = AutomaticMaskGenerator(model, options, batch_size=len(jax.local_devices()), decoder=args.decoder)
         compile_s = gen.warmup((h, w))
-        compiled = gen.compiled(gen.plan_for((h, w)))
+        program = gen.program(Bucket.for_size((h, w), options.bucket))
         gen.generate_batch(images[:1])  # first run: allocations, thread pools
         t = time.perf_counter()
         records = gen.generate_batch(images)
@@ -129,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"-- ours ({mode}): {args.images / elapsed:.4f} images/s ({elapsed / args.images:.1f} s/image; device "
               f"{gen.timings.device:.1f} s, host pre {gen.timings.preprocess:.2f} s, "
               f"post {gen.timings.postprocess:.2f} s)"
-              f" | compile {compile_s:.1f} s | {_memory_line(compiled)} | peak RSS so far {_rss_gb():.2f} GB"
+              f" | compile {compile_s:.1f} s | {program.memory} | peak RSS so far {_rss_gb():.2f} GB"
               f" | {flops_image * args.images / elapsed / 1e9:.1f} GFLOP/s = "
               f"{100 * flops_image * args.images / elapsed / peak:.0f}% of matmul rate"
               f" | masks per image {[len(r) for r in records]}")

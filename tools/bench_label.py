@@ -21,6 +21,12 @@ area pooling, and (``--bf16``) float32 vs bfloat16, and prints the pixel agreeme
 Run (about 15 minutes for vit_b, 32x32 points, 2 images of 480x640 on 2 CPU cores):
 
     python tools/bench_label.py --variant vit_b --points-per-side 32 --images 2 [--agreement] [--bf16]
+
+``--mixed-sizes N`` instead labels a folder of N photos of N different sizes (longer side 320..1024,
+both orientations, seeded) with the default settings and prints the compiled programs, the
+compile time and the share of the run's wall time the labelling waited for compiles (ours only):
+
+    python tools/bench_label.py --variant vit_b --points-per-side 32 --mixed-sizes 20
 """
 
 from __future__ import annotations
@@ -34,6 +40,41 @@ import time
 import numpy as np
 
 
+def mixed_sizes(n: int, labeller, work: str) -> None:
+    """Labels ``n`` photos of ``n`` sizes with ``labeller`` (a fresh one: nothing compiled yet) and prints where the
+    time went: the programs, their compile seconds, and the wall time the labelling waited for them."""
+    from PIL import Image
+
+    from zsp_jax.label import job
+    from zsp_jax.references.amg import sample_images
+
+    rng = np.random.default_rng(0)
+    sizes = set()
+    while len(sizes) < n:
+        long_side = int(rng.integers(320, 1025))
+        short = int(long_side * rng.uniform(0.5, 1.0))
+        sizes.add((short, long_side) if rng.random() < 0.6 else (long_side, short))
+    folder = os.path.join(work, "mixed")
+    os.makedirs(folder)
+    items = []
+    for i, im in enumerate(sample_images(sorted(sizes))):
+        path = os.path.join(folder, f"img{i:03d}.jpg")
+        Image.fromarray(im).save(path, quality=95)
+        items.append(job.WorkItem(f"img{i:03d}.jpg", path))
+    print(f"   {n} images, sizes {sorted(sizes)}")
+    t = time.perf_counter()
+    summary = job.run_job(labeller, items, os.path.join(work, "mixed_out"), progress=False)
+    wall = time.perf_counter() - t
+    compile_s = sum(summary["compile_seconds"].values())
+    waited = summary["stage_seconds"]["wait_for_compile"]
+    for bucket, line in summary["programs"].items():
+        images = sum(c for h, w, c in summary["buckets"] if f"{h}x{w}" == bucket)
+        print(f"   program {bucket} ({images} images): {line}")
+    print(f"== {n} images of {n} sizes: {wall:.1f} s wall, {len(summary['programs'])} programs compiled in "
+          f"{compile_s:.1f} s; the labelling waited {waited:.1f} s for compiles = {100 * waited / wall:.1f}% of the "
+          f"wall time (compiles overlapped with labelling: {compile_s - waited:.1f} s)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="vit_b", help="SAM vit_b, vit_l, vit_h or tiny")
@@ -44,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--agreement", action="store_true", help="pooling (and --bf16) label agreement")
     p.add_argument("--bf16", action="store_true", help="with --agreement: bfloat16 vs float32 labels")
+    p.add_argument("--mixed-sizes", type=int, default=0, help="label N images of N sizes; print the compile share")
     from zsp_jax.utils.bench import add_precision_flag
 
     add_precision_flag(p)
@@ -59,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     from PIL import Image
 
     from zsp_jax.amg import AmgOptions, AutomaticMaskGenerator
-    from zsp_jax.amg import device as D
-    from zsp_jax.amg.decoder import point_decoder
+    from zsp_jax.amg.decoder import decode_flops_per_prompt, point_decoder
+    from zsp_jax.amg.generate import generate_padded
     from zsp_jax.label import job
     from zsp_jax.label.classes import load_classes
     from zsp_jax.label.labeller import Labeller
@@ -112,11 +154,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"   AMG: pred_iou_thresh={c.amg.pred_iou_thresh} stability_score_thresh={c.amg.stability_score_thresh} "
           f"offset 0.05, NMS {c.amg.box_nms_thresh}; 20 VOC classes, cosine threshold {c.threshold}")
 
+    if args.mixed_sizes:
+        mixed_sizes(args.mixed_sizes, Labeller(sam, clip, tokenizer, options), work)
+        return
+
     # ------------------------------------------------------------------ ours, end to end
     lab = Labeller(sam, clip, tokenizer, options)
-    plan = lab.plan_for(lab.bucket_for((h, w)))
-    compiled = lab.compiled(plan)
-    print(f"   compile: {lab.compile_seconds[plan]:.1f} s; {lab.memory[plan]}")
+    bucket = lab.bucket_for((h, w))
+    program = lab.program(bucket)
+    plan = lab.plan_for(bucket, program.sizes)
+    print(f"   program: {program.describe()}; {program.memory}")
     job.run_job(lab, items[:1], os.path.join(work, "warm"), progress=False)  # first run: allocations, pools
     t = time.perf_counter()
     summary = job.run_job(lab, items, os.path.join(work, "ours"), progress=False)
@@ -130,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     x = jnp.zeros((1, sam_config.image_size, sam_config.image_size, 3), jnp.float32)
     enc_fn = jax.jit(lambda s, a: nnx.merge(gd, s).embed(a))
     amg_inputs = jax.tree.map(jnp.asarray, prep.amg)
-    amg_fn = jax.jit(lambda s, a: D.generate_padded(nnx.merge(gd, s).embed, point_decoder(
-        nnx.merge(gd, s), group=lab.tuning.decoder_group), a, plan.amg, return_masks=False, return_low_res=True))
+    amg_fn = jax.jit(lambda s, a: generate_padded(nnx.merge(gd, s).embed, point_decoder(
+        nnx.merge(gd, s), group=program.sizes.decoder_group), a, plan.amg, return_masks=False, return_low_res=True))
     with jax.default_matmul_precision(lab.matmul_precision()):
         t_enc = bench.time_fn(lambda: enc_fn(state, x), repeats=2)
         t_amg = bench.time_fn(lambda: amg_fn(state, amg_inputs), repeats=2)
@@ -141,12 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         flops_gem = bench.compiled_flops(gem_fn, cstate, clip_in) or 0.0
     t_full = ours_s / args.images - (st["decode"] + st["prepare"] + st["write"]) / args.images
     t_pool = max(0.0, t_full - t_amg - t_gem)
-    flops_group = bench.compiled_flops(
-        jax.jit(lambda s, e, q: point_decoder(nnx.merge(gd, s), group=4, upscale_rows=sam_config.grid_size)(e, q)),
-        state, jax.ShapeDtypeStruct((1, sam_config.grid_size, sam_config.grid_size, sam_config.prompt_dim),
-                                    jnp.float32), jax.ShapeDtypeStruct((1, 4, 2), jnp.float32)) or 0.0
-    flops_image = (encoder_flops(sam_config) or 0) + flops_group / 4 * args.points_per_side ** 2 + flops_gem
-    del compiled
+    flops_prompt = decode_flops_per_prompt(sam) or 0.0
+    flops_image = (encoder_flops(sam_config) or 0) + flops_prompt * args.points_per_side ** 2 + flops_gem
     print(f"-- ours: {args.images / ours_s:.4f} images/s ({ours_s / args.images:.1f} s/image) | "
           f"{flops_image / 1e9:.0f} GFLOP per image, {flops_image * args.images / ours_s / 1e9:.0f} GFLOP/s = "
           f"{100 * flops_image * args.images / ours_s / peak:.0f}% of the matmul rate | device idle "

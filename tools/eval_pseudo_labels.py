@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="write the result here")
     args = p.parse_args(argv)
 
-    from zsp_jax.data.pseudo_labels import label_relpath
+    from zsp_jax.data.pseudo_labels import find_label
     from zsp_jax.label import outputs, quality
     from zsp_jax.label.stage import parse_thresholds
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.out, "manifest.jsonl")) as f:
             entries = {**{e["name"]: e for e in map(json.loads, f)}, **entries}
     if args.gt:
-        gt_of = {n: os.path.join(args.gt, label_relpath(n)) for n in entries}
+        gt_of = {n: find_label(args.gt, n) for n in entries}
     else:
         from zsp_jax.data.readers import VocLayout
 

@@ -11,32 +11,56 @@ r"""Evaluate a checkpoint: mIoU and per-class IoU on the validation list of a co
 or a UniMatch-trained ``.pth`` (converted in memory; needs torch). Default: the best checkpoint
 of ``config.workdir``. The mode, bucket and batch come from ``config.eval.*``. The result is
 printed (mIoU, per-class IoU) and written to ``--output`` (default
-``<workdir>/eval_<mode>.json``).
+``<workdir>/eval_<mode>.json``). Library logs go to ``<workdir>/logs/``; a mistake is one
+``error:`` line and exit code 2.
 """
 
 from __future__ import annotations
 
-from absl import app, flags
-from ml_collections import config_flags
+import os
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/smoke.py", "config file[:variant args]",
-                                          lock_config=True)
+from absl import app, flags
+
+from zsp_jax import cli
+
+_CONFIG = cli.define_config_flag("configs/smoke.py")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "run directory, checkpoint step directory, .safetensors or .pth")
 _OUTPUT = flags.DEFINE_string("output", None, "result JSON (default <workdir>/eval_<mode>.json)")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "library logs and tracebacks on the console")
+
+
+def check_inputs(checkpoint: str | None, output: str | None) -> None:
+    """The command's own inputs, before any work: ``--checkpoint`` exists, ``--output`` is writable."""
+    from zsp_jax.utils import io
+
+    if checkpoint is not None and not os.path.exists(os.path.expanduser(checkpoint)):
+        raise cli.UsageError(f"--checkpoint={checkpoint}: no such file or directory (give a run's workdir, one of its "
+                             f"checkpoints/<step> directories, a .safetensors or a UniMatch .pth)")
+    if output is not None:
+        problem = io.output_file_problem(output)
+        if problem:
+            raise cli.UsageError(f"--output={output}: {problem}")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from zsp_jax.train import stage
+    logs: dict[str, str] = {}
 
-    result = stage.evaluate(_CONFIG.value, _CHECKPOINT.value, output=_OUTPUT.value)
-    width = max(len(n) for n in result["per_class"])
-    for name, iou in result["per_class"].items():
-        print(f"  {name:<{width}}  {'-' if iou is None else f'{iou:6.2f}'}")
-    print(f"mIoU {result['miou']:.2f} (UniMatch's definition: mean over all {len(result['per_class'])} classes); "
-          f"pixel accuracy {result['pixel_accuracy']:.2f}; {result['output']}")
+    def run() -> None:
+        from zsp_jax import runtime
+        from zsp_jax.train import checkpoint_eval
+
+        config = _CONFIG.value
+        check_inputs(_CHECKPOINT.value, _OUTPUT.value)
+        logs["file"] = runtime.route_logs(config.workdir, verbose=_VERBOSE.value)
+        result = checkpoint_eval.evaluate(config, _CHECKPOINT.value, output=_OUTPUT.value)
+        width = max(len(n) for n in result["per_class"])
+        for name, iou in result["per_class"].items():
+            print(f"  {name:<{width}}  {'-' if iou is None else f'{iou:6.2f}'}")
+        print(f"mIoU {result['miou']:.2f} (UniMatch's definition: mean over all {len(result['per_class'])} classes); "
+              f"pixel accuracy {result['pixel_accuracy']:.2f}; {result['output']}")
+
+    cli.run_main(run, verbose=lambda: _VERBOSE.value, log_file=lambda: logs.get("file"))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

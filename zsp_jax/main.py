@@ -5,44 +5,42 @@
     python -m zsp_jax.main --config configs/voc.py --config.stages=train,eval
 
 Stages and what each skips when rerun: ``zsp_jax.stages``. Several processes: ``zsp_jax.runtime``.
-Kept short on purpose; the work lives in importable modules.
+A mistake is one ``error:`` line and exit code 2 (``zsp_jax.cli``). Kept short on purpose; the work
+lives in importable modules.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app
-from ml_collections import config_flags
 
+from zsp_jax import cli
 from zsp_jax.runtime import set_cpu_xla_flags
 
 set_cpu_xla_flags()  # before any JAX backend starts
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "config file[:variant args]", lock_config=True)
+_CONFIG = cli.define_config_flag(_DEFAULT)
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from zsp_jax import preflight, runtime, stages
-    from zsp_jax.label.checkpoints import CheckpointError
-    from zsp_jax.train.stage import TrainingDiverged
+    logs: dict[str, str] = {}
 
-    config = _CONFIG.value
-    d = config.get("distributed")
-    log_file = runtime.route_logs(config.workdir, verbose=bool(config.get("verbose", False)),
-                                  process_index=d.process_id if d is not None and d.coordinator_address else None)
-    print(f"zsp_jax: {runtime.init_distributed(config)}; library logs in {log_file}")
-    runtime.quiet_other_processes(log_file)
-    try:
+    def run() -> None:
+        from zsp_jax import runtime, stages
+
+        config = _CONFIG.value
+        distributed = config.get("distributed")
+        logs["file"] = runtime.route_logs(config.workdir, verbose=bool(config.get("verbose", False)),
+                                          process_index=distributed.process_id
+                                          if distributed is not None and distributed.coordinator_address else None)
+        print(f"zsp_jax: {runtime.init_distributed(config)}; library logs in {logs['file']}")
+        runtime.quiet_other_processes(logs["file"])
         stages.run(config)
-    except (preflight.InputProblems, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    cli.run_main(run, verbose=lambda: bool(_CONFIG.value.get("verbose", False)), log_file=lambda: logs.get("file"))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -51,39 +51,6 @@ def _data_problems(config: Any, stages: set[str]) -> list[str]:
     return problems
 
 
-def _label_problems(config: Any) -> list[str]:
-    from zsp_jax.label import checkpoints as K
-    from zsp_jax.label.classes import load_classes
-    from zsp_jax.label.options import LabelOptions
-
-    c = config.label
-    problems = []
-    try:
-        LabelOptions.from_config(c, load_classes(c.classes))
-    except ValueError as e:
-        problems.append(f"label settings: {e}")
-    if c.images_dir and not os.path.isdir(os.path.expanduser(c.images_dir)):
-        problems.append(f"label.images_dir={c.images_dir!r}: no such folder")
-    for what, describe, field, expected in (
-            ("SAM", lambda: K.describe_sam(c.sam_checkpoint), "label.sam_checkpoint", c.get("sam_variant", "")),
-            ("CLIP", lambda: K.describe_clip(c.clip_checkpoint, c.clip_model_name), "label.clip_checkpoint",
-             c.get("clip_variant", ""))):
-        try:
-            found = describe()
-        except K.CheckpointError as e:
-            problems.append(f"{field}: {e}")
-            continue
-        if expected and found != expected:
-            key = field.replace("checkpoint", "variant")
-            problems.append(f"{field}={c[field.split('.')[1]]!r} holds {what} {found}, the config expects {expected} "
-                            f"(set --config.{key}={found} to use it anyway, or --config.{key}='' to accept any)")
-        if what == "SAM" and found == "custom" and not c.sam_allow_custom and not c.sam_checkpoint.endswith(
-                ".safetensors"):
-            problems.append(f"{field}={c.sam_checkpoint!r} is none of vit_b / vit_l / vit_h (truncated?); set "
-                            "--config.label.sam_allow_custom=True if it is a custom SAM")
-    return problems
-
-
 def _train_problems(config: Any, stages: set[str]) -> list[str]:
     problems = []
     m = config.model
@@ -127,7 +94,9 @@ def check(config: Any, stages: set[str]) -> list[str]:
         if not ("label" in stages and config.label.images_dir and not stages & {"train", "eval"}):
             problems += _data_problems(config, stages)
     if "label" in stages:
-        problems += _label_problems(config)
+        from zsp_jax.label import stage as label_stage
+
+        problems += label_stage.input_problems(config)
     if "train" in stages:
         problems += _train_problems(config, stages)
     return problems

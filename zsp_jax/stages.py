@@ -7,7 +7,7 @@
   work directory (reused while the source is unchanged);
 * ``label``: zero-shot pseudo labels of the unlabelled split (``zsp_jax.label.stage``): finished
   images are skipped; ``data.pseudo_labels`` defaults to its output;
-* ``train``: DeepLabV3+ in ``train.mode`` (``zsp_jax.train.stage``): resumes from the last
+* ``train``: DeepLabV3+ in ``train.mode`` (``zsp_jax.train.run``): resumes from the last
   checkpoint; a finished run returns its summary;
 * ``eval``: the best checkpoint on the validation list (skipped when that checkpoint was
   already evaluated in this mode).
@@ -121,19 +121,24 @@ class _LogWriter:
         pass
 
 
-def _evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    from zsp_jax.train import stage as train_stage
+def _evaluate(config: ml_collections.ConfigDict, *, log: Any = print) -> dict[str, Any]:
+    """Evaluates the run's best checkpoint (as recorded by the training run), unless it was already."""
+    from zsp_jax.train import checkpoint_eval
 
     workdir = os.path.abspath(os.path.expanduser(config.workdir))
-    best = train_stage.best_checkpoint(workdir)
+    best = checkpoint_eval.find_best(workdir)
+    if best is None:
+        raise checkpoint_eval.CheckpointNotFound(f"no checkpoint in {workdir}/checkpoints: run the train stage "
+                                                 f"first (--config.stages=train,eval)")
     marker = os.path.join(workdir, f"eval_{config.eval.mode}.json")
-    if best and os.path.isfile(marker):
+    if os.path.isfile(marker):
         with open(marker) as f:
             previous = json.load(f)
-        if previous.get("checkpoint_path") == best:
+        if previous.get("checkpoint_path") == best.path:
             return previous
-    result = train_stage.evaluate(config, best)
-    result["checkpoint_path"] = best
+    log(f"evaluating {best.describe()}")
+    result = checkpoint_eval.evaluate(config, best.path)
+    result.update(checkpoint_path=best.path, checkpoint_step=best.step, is_best=best.is_best)
     if jax.process_index() == 0:
         io.write_json_atomic(marker, result)
     return result
@@ -179,17 +184,18 @@ def run(config: ml_collections.ConfigDict, *, log: Any = print) -> dict[str, Any
     if set(stages) & {"train", "eval"} and not (config.get("synthetic") is None and "data" not in config):
         build_dataset_once(config, log=log)
     if "train" in stages:
-        from zsp_jax.train import stage as train_stage
+        from zsp_jax.train import run as train_run
 
         log(f"== stage train: {config.train.mode}")
-        result = train_stage.run(config)
+        result = train_run.run(config)
         summary["train"] = result
         summary["final_miou"] = result.get("final_miou")
         summary["best_miou"] = result.get("best_miou")
     if "eval" in stages:
         log(f"== stage eval: {config.eval.mode}")
-        result = _evaluate(config)
-        summary["eval"] = {k: result.get(k) for k in ("miou", "checkpoint", "images", "output", "mode")}
+        result = _evaluate(config, log=log)
+        summary["eval"] = {k: result.get(k) for k in ("miou", "checkpoint", "checkpoint_step", "is_best", "images",
+                                                     "output", "mode")}
         summary["eval"]["per_class"] = result.get("per_class")
     if jax.process_index() == 0:
         path = os.path.join(workdir, "summary.json")
@@ -224,7 +230,11 @@ def where_everything_is(summary: dict[str, Any]) -> str:
     final, best = summary.get("final_miou"), summary.get("best_miou")
     if final is not None or best is not None or "eval" in summary:
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append(f"   mIoU: final {fmt(final)}, best {fmt(best)}"
-                     + (f", evaluated best checkpoint {fmt(summary['eval'].get('miou'))}" if "eval" in summary else ""))
+        evaluated = ""
+        if "eval" in summary:
+            e = summary["eval"]
+            which = "best" if e.get("is_best", True) else "latest"
+            evaluated = f", evaluated {which} checkpoint (step {e.get('checkpoint_step')}) {fmt(e.get('miou'))}"
+        lines.append(f"   mIoU: final {fmt(final)}, best {fmt(best)}" + evaluated)
     lines.append(f"   summary         {summary.get('summary', os.path.join(summary['workdir'], 'summary.json'))}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The device-only path a labeller uses: device_inputs + generate_padded under jit, sharded with GSPMD."""
+"""A device-only input path (crops resized on device) + generate_padded under jit, sharded with GSPMD; the
+device normalisation of uint8 crops."""
 
 import jax
 import jax.numpy as jnp
@@ -6,13 +7,55 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from zsp_jax.amg import AmgOptions, AutomaticMaskGenerator, Bucket, Plan, data_mesh, generate_padded
+from zsp_jax.amg import AmgInputs, AmgOptions, AutomaticMaskGenerator, Bucket, Plan, data_mesh, generate_padded
 from zsp_jax.amg.decoder import point_decoder
-from zsp_jax.amg.device import crop_geometry, device_inputs
-from zsp_jax.amg.generator import prepare_inputs
+from zsp_jax.amg.geometry import crop_plan
+from zsp_jax.amg.inputs import encoder_input, prepare_inputs
+from zsp_jax.models.sam.transforms import normalize_and_pad
 from zsp_jax.references.amg import mask_iou_matrix, sample_images
 
 SIZES = [(150, 200), (140, 230), (180, 256), (129, 193), (192, 240), (160, 210), (135, 250), (170, 199)]
+
+
+def crop_geometry(image_hws, plan):
+    """Host: per layer, the (B, C_i, 4) crop boxes and (B, C_i, 2) resized crop sizes of B image sizes."""
+    o = plan.options
+    per_image = [crop_plan((int(h), int(w)), o.crop_n_layers, o.crop_overlap_ratio, plan.image_size)
+                 for h, w in np.asarray(image_hws)]
+    boxes = tuple(np.stack([p[i][0] for p in per_image]).astype(np.int32) for i in range(len(plan.layers)))
+    sizes = tuple(np.stack([p[i][1] for p in per_image]).astype(np.int32) for i in range(len(plan.layers)))
+    return boxes, sizes
+
+
+def _crop_resize(image, box, in_hw, canvas, plan):
+    """One crop of one (Hb, Wb, 3) image -> the normalised, zero-padded (S, S, 3) encoder input."""
+    s = plan.image_size
+    ch, cw = canvas
+    crop_h, crop_w = box[3] - box[1], box[2] - box[0]
+    padded = jnp.pad(image.astype(jnp.float32), ((0, ch), (0, cw), (0, 0)), mode="edge")
+    region = jax.lax.dynamic_slice(padded, (box[1], box[0], 0), (ch, cw, 3))
+    # Replicate the crop's last row / column beyond it, so the filter never reads outside the crop.
+    region = region[jnp.minimum(jnp.arange(ch), crop_h - 1)][:, jnp.minimum(jnp.arange(cw), crop_w - 1)]
+    scale = jnp.stack([in_hw[0] / crop_h, in_hw[1] / crop_w]).astype(jnp.float32)
+    resized = jax.image.scale_and_translate(region, (s, s, 3), (0, 1), scale, jnp.zeros(2, jnp.float32),
+                                            method="linear", antialias=True)
+    x = normalize_and_pad(jnp.clip(jnp.round(resized), 0, 255), s)
+    inside = (jnp.arange(s)[:, None] < in_hw[0]) & (jnp.arange(s)[None, :] < in_hw[1])
+    return jnp.where(inside[..., None], x, 0.0)
+
+
+def device_inputs(images, image_hw, crop_boxes, input_hw, plan):
+    """``AmgInputs`` built on device for (B, Hb, Wb, 3) images at the top-left of the bucket canvas.
+
+    Crops are resized with an antialiased triangle filter (``jax.image.scale_and_translate``) in
+    float arithmetic instead of PIL's 8-bit fixed point, so the encoder inputs differ from the
+    reference's (``prepare_inputs``) by about one grey level on some pixels."""
+    layers = []
+    for i in range(len(plan.layers)):
+        canvas = plan.bucket.layer_canvas(i, plan.options.crop_overlap_ratio)
+        fn = jax.vmap(jax.vmap(lambda box, hw, img: _crop_resize(img, box, hw, canvas, plan), (0, 0, None)))
+        layers.append(fn(crop_boxes[i], input_hw[i], images))
+    return AmgInputs(tuple(layers), tuple(crop_boxes), tuple(input_hw), image_hw)
 
 
 def test_device_inputs_close_to_pil(tiny_config):
@@ -67,9 +110,7 @@ def test_jitted_device_pipeline_sharded(sam_pair, tiny_config):
 
 
 def test_uint8_inputs_normalised_on_device_equal_host_normalisation(sam_pair, tiny_config):
-    """prepare_inputs(as_uint8=True) + device.encoder_input gives the float inputs bit for bit."""
-    from zsp_jax.amg.device import encoder_input
-
+    """prepare_inputs(as_uint8=True) + inputs.encoder_input gives the float inputs bit for bit."""
     options = AmgOptions(points_per_side=4, crop_n_layers=1)
     images = sample_images(SIZES[:2])
     plan = Plan.create(options, tiny_config.image_size, Bucket.for_size(SIZES[0], options.bucket))

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from segment_anything.utils import amg as ref_amg
 
-from zsp_jax.amg.device import _near_crop_edge
+from zsp_jax.amg.statistics import near_crop_edge
 
 
 def test_crop_edge_rule_equals_reference():
@@ -23,10 +23,10 @@ def test_crop_edge_rule_equals_reference():
         [50, 50, 100, 149],    # 21 px away: kept
         [0, 0, 0, 0],          # an empty mask's box sits on the inner left edge: dropped
     ])
-    ours = np.asarray(jax.jit(_near_crop_edge)(jnp.asarray(boxes), jnp.asarray(crop), jnp.asarray(image_hw)))
+    ours = np.asarray(jax.jit(near_crop_edge)(jnp.asarray(boxes), jnp.asarray(crop), jnp.asarray(image_hw)))
     ref = ref_amg.is_box_near_crop_edge(torch.from_numpy(boxes), crop, [0, 0, image_hw[1], image_hw[0]]).numpy()
     np.testing.assert_array_equal(ours, ref)
     np.testing.assert_array_equal(ours, [False, True, True, False, False, False, True, False, True])
     # The full-image crop of layer 0 drops nothing.
     full = [0, 0, image_hw[1], image_hw[0]]
-    assert not np.asarray(_near_crop_edge(jnp.asarray(boxes), jnp.asarray(full), jnp.asarray(image_hw))).any()
+    assert not np.asarray(near_crop_edge(jnp.asarray(boxes), jnp.asarray(full), jnp.asarray(image_hw))).any()

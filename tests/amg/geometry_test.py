@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from segment_anything.utils import amg as ref_amg
 
-from zsp_jax.amg.geometry import Bucket, crop_boxes, crop_plan, layer_point_grids, resize_longest_side_shape
+from zsp_jax.amg.geometry import Bucket, crop_boxes, crop_plan, folder_buckets, layer_point_grids, merge_buckets
+from zsp_jax.models.sam.transforms import resize_longest_side_shape
 from zsp_jax.amg.options import AmgOptions
 
 
@@ -58,3 +59,56 @@ def test_options_validate_like_the_reference():
     for a, b in zip(o.layer_grids(), grids):
         np.testing.assert_array_equal(a, b)
     assert o.reference_kwargs()["points_per_side"] is None
+
+
+def _twenty_sizes(seed=0, largest=1024):
+    rng = np.random.default_rng(seed)
+    sizes = set()
+    while len(sizes) < 20:
+        long_side = int(rng.integers(largest // 3, largest + 1))
+        short = int(long_side * rng.uniform(0.5, 1.0))
+        sizes.add((short, long_side) if rng.random() < 0.6 else (long_side, short))
+    return sorted(sizes)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_folder_buckets_merge_a_mixed_folder_into_few_programs(seed):
+    """20 images of 20 sizes: at most 20 // 8 = 2 programs at min_images=8, every image inside its bucket (it keeps
+    its size: the bucket only pads it), every bucket bounding its images' crops; min_images=1 keeps the padded
+    sizes as they are."""
+    sizes = _twenty_sizes(seed)
+    table = folder_buckets(sizes, 64, 8, 1024)
+    natural = {hw: Bucket.for_size(hw, 64) for hw in sizes}
+    assert len(set(natural.values())) >= 10  # the folder really is mixed
+    buckets = set(table.values())
+    assert len(buckets) <= 2
+    assert all(sum(table[hw] == b for hw in sizes) >= 8 for b in buckets)
+    for hw, bucket in table.items():
+        assert bucket.contains(hw)
+        for layer, (boxes, _) in enumerate(crop_plan(hw, 1, 512 / 1500, 1024)):
+            ch, cw = bucket.layer_canvas(layer, 512 / 1500)
+            for x0, y0, x1, y1 in boxes:
+                assert y1 - y0 <= ch and x1 - x0 <= cw
+                assert max(y1 - y0, x1 - x0) >= bucket.layer_min_long_side(layer, 512 / 1500)
+    assert folder_buckets(sizes, 64, 1, 1024) == natural
+    assert folder_buckets(list(reversed(sizes)), 64, 8, 1024) == table  # the order of the images does not matter
+    assert set(folder_buckets(sizes[:5], 64, 8, 1024).values()) == {merge_all(natural[hw] for hw in sizes[:5])}
+
+
+def merge_all(buckets):
+    buckets = list(buckets)
+    out = buckets[0]
+    for b in buckets[1:]:
+        out = merge_buckets(out, b)
+    return out
+
+
+def test_folder_buckets_keep_large_groups_apart():
+    """Buckets that already serve enough images keep their own programs; a lone odd size joins one of them."""
+    sizes = [(480, 640)] * 10 + [(640, 480)] * 10 + [(500, 500)]
+    table = folder_buckets(sizes, 64, 8, 1024)
+    landscape, portrait, odd = (Bucket.for_size(hw, 64) for hw in ((480, 640), (640, 480), (500, 500)))
+    assert len(set(table.values())) == 2 and table[(480, 640)] != table[(640, 480)]
+    assert table[(500, 500)] in (table[(480, 640)], table[(640, 480)])
+    assert {table[(480, 640)], table[(640, 480)]} in ({merge_buckets(landscape, odd), portrait},
+                                                      {landscape, merge_buckets(portrait, odd)})

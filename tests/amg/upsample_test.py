@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zsp_jax.amg.geometry import resize_longest_side_shape
+from zsp_jax.models.sam.transforms import resize_longest_side_shape
 from zsp_jax.amg.upsample import Band, Resize2d, band_for_long_side, upsample_logits
 
 _up = jax.jit(upsample_logits, static_argnums=(4, 5))

@@ -1,5 +1,6 @@
 """Conversion from the three checkpoint formats, the converted file, and the guards."""
 
+import json
 import os
 import zipfile
 
@@ -323,7 +324,7 @@ def test_wide_head_models_convert_right(tmp_path, how):
     torch_model = _wide_head_open_clip()
     path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(torch_model.state_dict(), path)
-    kwargs = {"name": dict(model_name="ViT-H-14"), "explicit": dict(vision_head_width=80)}.get(how)
+    kwargs = {"name": dict(model_name="ViT-H-14"), "explicit": dict(vision_head_width=80, act="gelu")}.get(how)
     if how == "config_json":
         cfg = tmp_path / "ViT-custom.json"
         cfg.write_text(json.dumps({"vision_cfg": {"width": 320, "head_width": 80}}))
@@ -336,7 +337,7 @@ def test_wide_head_models_convert_right(tmp_path, how):
     assert relative_error(_image_embeds(converted.build(), images), ref) <= 1e-5
     # The 64-wide default on the same file converts without error but computes something else: the reason
     # the wide-head families are refused by width when no name is given.
-    wrong = C.convert_checkpoint(path, vision_head_width=64)
+    wrong = C.convert_checkpoint(path, vision_head_width=64, act="gelu")
     assert relative_error(_image_embeds(wrong.build(), images), ref) > 1e-2
 
 
@@ -356,3 +357,19 @@ def test_wide_head_width_without_a_name_is_refused():
     assert cfg.vision_heads == 16
     with pytest.raises(ConversionError, match="not a multiple"):
         C.config_from_openai_state_dict(fake, act="gelu", source_name="x", model_name="ViT-g-14")
+
+
+def test_open_clip_state_dict_without_a_model_name_is_refused_not_guessed(tmp_path):
+    # QuickGELU (OpenAI's weights) and GELU (open_clip's own) models have identical tensors: converting as
+    # either without being told would give silently wrong features.
+    torch_model = clip_refs.tiny_open_clip(quick_gelu=True, seed=13)
+    path = tmp_path / "open_clip_model.bin"
+    torch.save(torch_model.state_dict(), path)
+    with pytest.raises(ConversionError, match="does not record its activation") as e:
+        C.convert_checkpoint(path)
+    assert "--clip_model_name" in str(e.value) and "ViT-B-16-quickgelu" in str(e.value) and "GELU" in str(e.value)
+    assert C.convert_checkpoint(path, model_name="ViT-B-16-quickgelu").config.act == "quick_gelu"
+    assert C.convert_checkpoint(path, model_name="ViT-B-16").config.act == "gelu"
+    config_json = tmp_path / "ViT-tiny.json"
+    config_json.write_text(json.dumps({"embed_dim": 32, "quick_gelu": True, "vision_cfg": {}}))
+    assert C.convert_checkpoint(path, model_name=str(config_json)).config.act == "quick_gelu"

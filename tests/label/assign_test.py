@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from zsp_jax.amg import AmgOptions, Bucket, Plan
-from zsp_jax.amg.device import AmgOutputs
-from zsp_jax.label.device import LabelPlan, classify, label_images, label_scores, pool_weights
+from zsp_jax.amg.generate import AmgOutputs
+from zsp_jax.label.program import LabelPlan, classify, label_images, label_scores, pool_weights
 from zsp_jax.label.options import Rules
 from zsp_jax.models.clip import GemConfig
 
@@ -90,7 +90,7 @@ def _constructed_case(paint_order="area_desc", uncovered="ignore", pooling="bili
                      point_index=zeros(4), layer=zeros(4), crop_index=zeros(4),
                      crop_box=jnp.tile(jnp.asarray([[0, 0, 64, 64]], jnp.int32), (4, 1)),
                      input_hw=jnp.full((4, 2), 256, jnp.int32), valid=jnp.ones(4, bool), num_kept=jnp.int32(4),
-                     truncated_crops=jnp.int32(0), resize_ok=jnp.bool_(True))
+                     num_survived=jnp.int32(4), truncated_crops=jnp.int32(0), resize_ok=jnp.bool_(True))
     # Features on an 8 x 8 grid (8 px cells), D = 4: e1 top half, e2 bottom half, e3 the top-left 2 x 2 cells,
     # e0 (matches no prompt) the bottom-right 3 x 3 cells; prompts: e1, e2, e3.
     tokens = np.zeros((8, 8, 4), np.float32)

@@ -72,6 +72,8 @@ def test_outputs_manifest_report_and_resume(env, uninterrupted):
     out = uninterrupted
     entries = _manifest(out)
     assert len(entries) == 12 and all(e["status"] == "ok" for e in entries.values())
+    # Masks that survived the NMS before the max_masks cap (4 x 4 points, no filters: all 48 = max_masks).
+    assert all(e["masks_survived"] == 48 >= e["segments"] for e in entries.values())
     labels = _labels(out)
     assert "trip/photo00.png" in labels and "photo01.png" in labels and len(labels) == 12
     with Image.open(out / "labels" / "trip" / "photo00.png") as im:
@@ -87,6 +89,7 @@ def test_outputs_manifest_report_and_resume(env, uninterrupted):
     assert classes["names"] == ["background", "cat", "dog", "bird"] and classes["prompts"][3] == ["bird", "parrot"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["labelled_total"] == 12 and summary["this_run"]["stage_seconds"]["write"] > 0
+    assert list(summary["this_run"]["programs"]) == ["256x256"]  # every image fits one bucket of 256
     # A rerun finds everything finished: nothing is labelled again, no file is rewritten.
     mtimes = {p: os.stat(out / "labels" / p).st_mtime_ns for p in labels}
     r = _run(env, out, "--config.label.write_segments=True", "--config.label.write_overlays=True",

@@ -170,12 +170,12 @@ def test_evaluate_command_reads_unimatch_pth_and_converted_safetensors(models, v
     assert abs(result["miou"] - miou_ref) < 0.1, (result["miou"], miou_ref)
     assert "mIoU" in r.stdout and "best.pth" in result["checkpoint"]
 
-    from zsp_jax.train import stage
+    from zsp_jax.train import checkpoint_eval
 
     weights, config, info = deeplab_convert.convert_file(pth)
     converted = str(tmp_path / "best.safetensors")
     deeplab_convert.save_converted(converted, weights, config, info)
     c = smoke_config(work, root, splits_dir, split="2")
     c.eval.bucket = 0
-    result = stage.evaluate(c, converted)
+    result = checkpoint_eval.evaluate(c, converted)
     assert abs(result["miou"] - miou_ref) < 0.1

@@ -70,3 +70,20 @@ def test_run_log_resume_drops_repeated_steps_and_plots(tmp_path):
     second = events.read_events(files[1])
     assert second[1]["session_start"] and second[1]["step"] == 5  # TensorBoard drops the first run's 5, 6
     assert second[2]["scalars"]["train/loss"] == float(np.float32(0.2))
+
+
+def test_run_killed_before_its_first_checkpoint_hides_the_killed_sessions_steps(tmp_path):
+    # Resumed at step 0 (no checkpoint yet): the new session's file starts with a session start at step 1,
+    # so TensorBoard shows steps 1.. once, not twice.
+    work = str(tmp_path)
+    killed = logs.RunLog(work)
+    for step in range(1, 4):
+        killed.train(step, {"loss": 1.0})
+    killed.close()
+    again = logs.RunLog(work, resume_step=0)
+    again.train(1, {"loss": 2.0})
+    again.close()
+    assert [r["loss"] for r in logs.read_jsonl(os.path.join(work, logs.TRAIN_LOG))] == [2.0]
+    files = sorted(glob.glob(os.path.join(work, logs.TB_DIR, "events.out.tfevents.*")))
+    second = events.read_events(files[1])
+    assert second[1]["session_start"] and second[1]["step"] == 1

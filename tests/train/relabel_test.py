@@ -1,4 +1,4 @@
-"""Enhanced-label option C end to end: ``stage.run`` with ``train.enhanced="relabel"`` trains a first run,
+"""Enhanced-label option C end to end: ``train.run.run`` with ``train.enhanced="relabel"`` trains a first run,
 relabels every unlabelled image inside its SAM segments with that run's best checkpoint, trains the final
 run on the relabelled maps, and a rerun redoes nothing. The vote rule is checked at its two ends on the
 same checkpoint (vote > 1: the zero-shot maps come back; vote 0: every segment takes the model's class)."""
@@ -13,7 +13,8 @@ import pytest
 
 from .conftest import smoke_config
 from zsp_jax.data import decode, pseudo_labels, readers, splits, synthetic
-from zsp_jax.train import relabel, stage
+from zsp_jax.train import loop, relabel
+from zsp_jax.train import run as train_run
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def run(tmp_path_factory):
     c.train.crop_size, c.train.max_steps, c.train.num_devices = 64, 4, 1
     c.train.relabel_vote = 0.5
     c.eval.bucket = 96
-    summary = stage.run(c)
+    summary = train_run.run(c)
     return {"config": c, "summary": summary, "labels": labels, "unlabeled": unlabeled,
             "segments": pseudo_labels.find_segments_dir(labels)}
 
@@ -73,15 +74,15 @@ def test_two_runs_and_maps_inside_sam_segments(run):
         segments += len(masks)
     assert (changed, segments) == (report["segments_changed"], report["segments"]) and segments > 9
     # The final run trained on the relabelled maps, not on the zero-shot ones.
-    final_config = json.loads(open(os.path.join(workdir, stage.CONFIG)).read())
+    final_config = json.loads(open(os.path.join(workdir, loop.CONFIG_FILE)).read())
     assert final_config["data"]["pseudo_labels"] == labels_dir and final_config["train"]["enhanced"] == "fixed"
 
 
 def test_vote_rule_at_both_ends_on_the_first_runs_checkpoint(run, tmp_path):
-    first = relabel._with(run["config"], **{"workdir": run["summary"]["relabel"]["first_run"]["workdir"]})
+    first = relabel._replaced(run["config"], **{"workdir": run["summary"]["relabel"]["first_run"]["workdir"]})
     ckpt = run["summary"]["relabel"]["first_run"]["best_checkpoint"]
-    never = relabel.relabel(relabel._with(first, **{"train.relabel_vote": 1.01}), ckpt, str(tmp_path / "never"))
-    always = relabel.relabel(relabel._with(first, **{"train.relabel_vote": 0.0}), ckpt, str(tmp_path / "always"))
+    never = relabel.relabel(relabel._replaced(first, **{"train.relabel_vote": 1.01}), ckpt, str(tmp_path / "never"))
+    always = relabel.relabel(relabel._replaced(first, **{"train.relabel_vote": 0.0}), ckpt, str(tmp_path / "always"))
     assert never["segments_changed"] == 0 and always["segments_changed"] >= run["summary"]["relabel"]["segments_changed"]
     for ex in run["unlabeled"]:
         masks = pseudo_labels.segment_masks(pseudo_labels.read_segments(run["segments"], ex.name))
@@ -94,7 +95,7 @@ def test_vote_rule_at_both_ends_on_the_first_runs_checkpoint(run, tmp_path):
 
 
 def test_rerun_redoes_nothing(run, capsys):
-    again = stage.run(run["config"])
+    again = train_run.run(run["config"])
     out = capsys.readouterr().out
     assert "train step compiled" not in out
     assert again["relabel"]["relabelled_now"] == 9 and again["best_miou"] == run["summary"]["best_miou"]

@@ -80,7 +80,7 @@ def _optimizer_config() -> ml_collections.ConfigDict:
                                                 "weight_decay": 1e-4, "lr_power": 0.9}})
 
 
-def _run(mode: str, dtype: str, n_steps: int):
+def _run(mode: str, dtype: str, n_steps: int, groups: int = 1):
     # "bfloat16": our compute in bf16 (fp32 parameters and inputs) against the fp32 reference.
     np_dtype = np.float64 if dtype == "float64" else np.float32
     t_dtype = torch.float64 if dtype == "float64" else torch.float32
@@ -94,7 +94,7 @@ def _run(mode: str, dtype: str, n_steps: int):
     with jax.enable_x64(dtype == "float64"):
         ours = state_lib.strip_rng_streams(ours_from_torch(CONFIG, ref, dtype=compute, param_dtype=jnp.dtype(np_dtype)))
         graphdef, params, stats = state_lib.split_model(ours)
-        options = step_lib.StepOptions(mode=mode, conf_thresh=CONF, label_smoothing=EPS)
+        options = step_lib.StepOptions(mode=mode, conf_thresh=CONF, label_smoothing=EPS, loss_groups=groups)
         batch = jax.tree.map(jnp.asarray, unimatch_step.our_batch(raw, np_dtype, fp_masks))
         key = jax.random.key(0)
         tx, schedule = state_lib.make_optimizer(_optimizer_config(), params, TOTAL)
@@ -109,22 +109,26 @@ def _run(mode: str, dtype: str, n_steps: int):
 
     tb = unimatch_step.torch_batch(raw, t_dtype)
     tm = tuple(torch.from_numpy(m) for m in fp_masks)
-    ref_out = unimatch_step.step(ref, None, tb, fp_masks=tm, conf_thresh=CONF, mode=mode, label_smoothing=EPS)
+    ref_out = unimatch_step.step(ref, None, tb, fp_masks=tm, conf_thresh=CONF, mode=mode, label_smoothing=EPS,
+                                 gpus=groups)
     grads_ref = _torch_as_ours(ref, {n: p.grad for n, p in ref.named_parameters()})
     stats_ref = {k: v for k, v in _torch_as_ours(ref, {}).items() if k.endswith((".mean", ".var"))}
     # Parameters after n SGD steps: a copy of the same weights, UniMatch's optimiser and schedule.
     opt = unimatch_step.make_optimizer(ref2, LR, LR_MULTI)
     for i in range(n_steps):
-        unimatch_step.step(ref2, opt, tb, fp_masks=tm, conf_thresh=CONF, mode=mode, label_smoothing=EPS)
+        unimatch_step.step(ref2, opt, tb, fp_masks=tm, conf_thresh=CONF, mode=mode, label_smoothing=EPS,
+                           gpus=groups)
         unimatch_step.set_poly_lr(opt, LR, LR_MULTI, i, TOTAL)
     params_ref = _torch_as_ours(ref2, {})
     return ours_out, ref_out, grads_ref, stats_ref, params_ref, initial_stats
 
 
-@pytest.mark.parametrize("mode, dtype, tol", [("unimatch", "float64", 1e-9), ("zsp", "float64", 1e-9),
-                                              ("unimatch", "float32", 1e-4)])
-def test_step_matches_the_pytorch_unimatch_step(mode, dtype, tol):
-    ours, ref, grads_ref, stats_ref, params_ref, initial = _run(mode, dtype, n_steps=3)
+@pytest.mark.parametrize("mode, dtype, tol, groups", [
+    ("unimatch", "float64", 1e-9, 1), ("zsp", "float64", 1e-9, 1), ("unimatch", "float32", 1e-4, 1),
+    ("unimatch", "float64", 1e-9, 2), ("zsp", "float64", 1e-9, 2)])
+def test_step_matches_the_pytorch_unimatch_step(mode, dtype, tol, groups):
+    """``groups=2``: a UniMatch run on 2 GPUs (each normalises its own sample's losses; gradients averaged)."""
+    ours, ref, grads_ref, stats_ref, params_ref, initial = _run(mode, dtype, n_steps=3, groups=groups)
     m = ours["metrics"]
     # The comparison has something to compare: confident and unconfident pixels, boxes, padding.
     assert 0.1 < ref["mask_ratio"] < 0.9 and abs(float(m["mask_ratio"]) - ref["mask_ratio"]) < 1e-6
@@ -142,6 +146,15 @@ def test_step_matches_the_pytorch_unimatch_step(mode, dtype, tol):
     # Parameters after 3 steps (momentum, weight decay, poly schedule, head lr x10).
     worst = max((relative_error(p, params_ref[k]), k) for k, p in ours["params"].items())
     assert worst[0] <= tol, worst
+    if groups > 1:  # the grouping changes the losses here (the samples' valid-pixel counts differ)
+        torch.manual_seed(0)  # the same weights as _run's reference
+        whole = unimatch_step.step(torch_reference(CONFIG, seed=0).double(), None,
+                                   unimatch_step.torch_batch(_batch(), torch.float64),
+                                   fp_masks=tuple(torch.from_numpy(x) for x in random_fp_masks(CONFIG, 2 * B, seed=3,
+                                                                                               dtype=np.float64)),
+                                   conf_thresh=CONF, mode=mode, label_smoothing=EPS)
+        terms = ("loss_s1", "loss_s2", "loss_fp")
+        assert max(abs(float(whole[t]) - float(ref[t])) / float(ref[t]) for t in terms) > 1e-3
 
 
 def test_bf16_compute_stays_close_to_the_fp32_reference():

@@ -7,7 +7,8 @@
 * ``generate_batch(images)`` / ``generate_iter(images)`` run many images per compiled call,
   data-parallel over every local device (a ``jax.sharding.Mesh`` with one "data" axis; the batch
   axis of every input is sharded, the weights replicated), each device working on
-  ``images_per_device`` images at a time (``zsp_jax.amg.tuning``: defaults per device kind);
+  ``images_per_device`` images at a time (``zsp_jax.amg.tuning``: limits per device kind; one
+  compiled program per size bucket, ``zsp_jax.amg.programs``);
   the input is consumed as a stream (at most one batch per size bucket is held), and the host
   prepares and converts one batch while the device computes the next;
 * ``generate_padded(images)`` stops before the host conversion and returns the device arrays
@@ -31,18 +32,21 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from zsp_jax.amg import device as D
 from zsp_jax.amg import tuning
-from zsp_jax.amg.geometry import Bucket, crop_boxes, crop_plan
+from zsp_jax.amg.decoder import PromptDecoder, model_decoder, point_decoder
+from zsp_jax.amg.generate import AmgOutputs, generate_padded
+from zsp_jax.amg.geometry import Bucket
+from zsp_jax.amg.inputs import abstract_inputs, prepare_inputs
 from zsp_jax.amg.options import AmgOptions
+from zsp_jax.amg.plan import Plan
+from zsp_jax.amg.programs import BucketPrograms, MemoryBudget, Program
 from zsp_jax.amg.regions import postprocess_small_regions
 from zsp_jax.amg.rle import masks_to_coco_rle, masks_to_rle
-from zsp_jax.utils.sharding import data_mesh, map_groups_per_device
+from zsp_jax.utils.sharding import data_mesh
 
 
 def shard_work(items: Sequence[Any], process_index: int | None = None, process_count: int | None = None
@@ -51,48 +55,6 @@ def shard_work(items: Sequence[Any], process_index: int | None = None, process_c
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     return list(items[index::count])
-
-
-def prepare_inputs(images: Sequence[np.ndarray], plan: D.Plan, *, as_uint8: bool = False) -> D.AmgInputs:
-    """Host preprocessing of B images for ``generate_padded``: crops, PIL resize, normalise, pad.
-
-    Args:
-      images: B uint8 (H, W, 3) RGB images, all inside ``plan.bucket``.
-      as_uint8: leave the resized crops as uint8 on a zero canvas; the device normalises them
-        (``device.encoder_input``, bit-identical), which transfers a quarter of the bytes.
-
-    Returns:
-      ``AmgInputs`` of numpy arrays.
-    """
-    from zsp_jax.models.sam.transforms import normalize_and_pad, resize_image
-
-    o = plan.options
-    s = plan.image_size
-    layers_imgs, layers_boxes, layers_hw = [], [], []
-    for im in images:
-        boxes = np.asarray(crop_boxes(im.shape[:2], o.crop_n_layers, o.crop_overlap_ratio)[0])
-        if np.any(boxes[:, 2] <= boxes[:, 0]) or np.any(boxes[:, 3] <= boxes[:, 1]):
-            # The reference fails here too (an empty crop cannot be resized).
-            raise ValueError(f"image of size {im.shape[:2]} is too small for crop_n_layers={o.crop_n_layers}: "
-                             "a crop would be empty")
-    per_image = [crop_plan(im.shape[:2], o.crop_n_layers, o.crop_overlap_ratio, s) for im in images]
-    for li in range(o.crop_n_layers + 1):
-        imgs = np.zeros((len(images), plan.layers[li].n_crops, s, s, 3), np.uint8 if as_uint8 else np.float32)
-        for bi, (im, layers) in enumerate(zip(images, per_image)):
-            boxes, sizes = layers[li]
-            for ci, (x0, y0, x1, y1) in enumerate(boxes):
-                resized = resize_image(np.ascontiguousarray(im[y0:y1, x0:x1]), s)
-                if resized.shape[:2] != tuple(sizes[ci]):
-                    raise AssertionError("resized crop size differs from ResizeLongestSide's")
-                if as_uint8:
-                    imgs[bi, ci, : resized.shape[0], : resized.shape[1]] = resized
-                else:
-                    imgs[bi, ci] = normalize_and_pad(resized, s)
-        layers_imgs.append(imgs)
-        layers_boxes.append(np.stack([layers[li][0] for layers in per_image]).astype(np.int32))
-        layers_hw.append(np.stack([layers[li][1] for layers in per_image]).astype(np.int32))
-    image_hw = np.asarray([im.shape[:2] for im in images], np.int32)
-    return D.AmgInputs(tuple(layers_imgs), tuple(layers_boxes), tuple(layers_hw), image_hw)
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -128,14 +90,17 @@ class AutomaticMaskGenerator:
         multiple of the mesh size times ``images_per_device``.
       decoder: "amg" (``zsp_jax.amg.decoder``: the mask decoder with the prompt-independent work
         shared and attention products re-associated, equal to rounding) or "model" (``Sam.decode``).
-      images_per_device, decoder_group, mask_chunk: throughput settings (``zsp_jax.amg.tuning``;
-        None: the defaults of the mesh's device kind). Results are bitwise identical for any
-        number of devices at the same settings.
+      images_per_device, decoder_group, mask_chunk: throughput settings (``zsp_jax.amg.tuning``):
+        ints; None for the limit of the mesh's device kind; "auto" for the largest that fits the
+        memory budget (``memory_gb`` / ``memory_fraction``, ``zsp_jax.amg.programs.MemoryBudget``),
+        chosen per size bucket. Results are bitwise identical for any number of devices at the
+        same settings.
     """
 
     def __init__(self, model: Any, options: AmgOptions | None = None, *, mesh: Mesh | None = None,
-                 batch_size: int | None = None, decoder: str = "amg", images_per_device: int | None = None,
-                 decoder_group: int | None = None, mask_chunk: int | None = None, **kwargs: Any):
+                 batch_size: int | None = None, decoder: str = "amg", images_per_device: int | str | None = None,
+                 decoder_group: int | str | None = None, mask_chunk: int | str | None = None,
+                 memory_gb: float = 0.0, memory_fraction: float = 0.8, **kwargs: Any):
         if options is None:
             options = AmgOptions.from_reference_kwargs(**kwargs)
         elif kwargs:
@@ -145,113 +110,111 @@ class AutomaticMaskGenerator:
         self.options = options
         self.image_size = model.config.image_size
         self.mesh = mesh if mesh is not None else data_mesh()
-        n_dev = self.mesh.devices.size
-        self.tuning = tuning.defaults(tuning.platform_of(self.mesh.devices.flat), images_per_device=images_per_device,
-                                      decoder_group=decoder_group, mask_chunk=mask_chunk)
-        per_call = n_dev * self.tuning.images_per_device
-        self.batch_size = batch_size or per_call
-        if self.batch_size % per_call:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of the {n_dev} mesh devices x "
-                             f"{self.tuning.images_per_device} images per device")
+        limits = tuning.limits_for(tuning.platform_of(self.mesh.devices.flat))
+        given = {"images_per_device": images_per_device, "decoder_group": decoder_group, "mask_chunk": mask_chunk}
+        self.tuning = tuning.SizeRequest(**{name: getattr(limits, name) if value is None
+                                            else tuning.parse_size(name, value) for name, value in given.items()})
+        budget = None
+        if not self.tuning.is_fixed:
+            budget = MemoryBudget.of_device(self.mesh.devices.flat[0], memory_gb=memory_gb, fraction=memory_fraction,
+                                            field="memory_gb")
         self.decoder = decoder
-        self._graphdef, state = nnx.split(model)
-        self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
-        self._batch_sharding = NamedSharding(self.mesh, P("data"))
-        self._compiled: dict[Any, Any] = {}
+        graphdef, state = nnx.split(model)
+        self._graphdef = graphdef
+        self.programs = BucketPrograms(self.mesh, (state,), self._build, self._abstract_batch, self.tuning, limits,
+                                       budget=budget, batch_size=batch_size)
         self.timings = Timings()
 
     # ------------------------------------------------------------------ compiled program
 
-    def plan_for(self, image_hw: tuple[int, int]) -> D.Plan:
-        """The static plan (bucket, shapes) for an image of size (H, W)."""
-        return D.Plan.create(self.options, self.image_size, Bucket.for_size(image_hw, self.options.bucket),
-                             mask_chunk=self.tuning.mask_chunk)
+    @property
+    def batch_size(self) -> int:
+        """Images per compiled call (the most, when ``images_per_device`` is "auto")."""
+        return self.programs.max_batch_size
 
-    def _run(self, state: Any, inputs: D.AmgInputs, plan: D.Plan, return_masks: bool, return_low_res: bool
-             ) -> D.AmgOutputs:
-        """Each device maps over its own images ``images_per_device`` at a time (``shard_map`` + ``lax.map``).
+    def plan_for(self, image_hw: tuple[int, int], sizes: tuning.Sizes | None = None) -> Plan:
+        """The static plan (bucket, shapes) for an image of size (H, W) (at ``sizes``; default: its program's)."""
+        bucket = Bucket.for_size(image_hw, self.options.bucket)
+        sizes = sizes or self.program(bucket).sizes
+        return Plan.create(self.options, self.image_size, bucket, mask_chunk=sizes.mask_chunk)
+
+    def decoder_for(self, model: Any, sizes: tuning.Sizes) -> PromptDecoder:
+        """The prompt decoder this generator uses for ``model`` (``decoder`` and ``sizes.decoder_group``)."""
+        if self.decoder == "amg":
+            return point_decoder(model, group=sizes.decoder_group)
+        return model_decoder(model)
+
+    def _build(self, key: tuple[Bucket, bool, bool], sizes: tuning.Sizes) -> Any:
+        """Each device maps over its own images ``images_per_device`` at a time (``BucketPrograms``).
 
         Every group of images then runs the same program whatever the number of devices, so
         results are bitwise identical on 1 and on 8 devices for the same ``images_per_device``
         (a different group size changes XLA's blocking of the products and with it the last bits).
         """
-        def group(state: Any, x: D.AmgInputs) -> D.AmgOutputs:
+        bucket, return_masks, return_low_res = key
+        plan = Plan.create(self.options, self.image_size, bucket, mask_chunk=sizes.mask_chunk)
+
+        def group(state: Any, x: Any) -> AmgOutputs:
             model = nnx.merge(self._graphdef, state)
-            return D.generate_padded(model.embed, self.decoder_for(model), x, plan, return_masks=return_masks,
-                                     return_low_res=return_low_res)
+            return generate_padded(model.embed, self.decoder_for(model, sizes), x, plan, return_masks=return_masks,
+                                   return_low_res=return_low_res)
 
-        return map_groups_per_device(group, self.mesh, self.tuning.images_per_device, 1)(state, inputs)
+        return group
 
-    def decoder_for(self, model: Any) -> D.DecodeFn:
-        """The prompt decoder this generator uses for ``model`` (``decoder`` and ``decoder_group``)."""
-        if self.decoder == "amg":
-            from zsp_jax.amg.decoder import point_decoder
+    def _abstract_batch(self, key: tuple[Bucket, bool, bool], sizes: tuning.Sizes, batch: int) -> Any:
+        return abstract_inputs(Plan.create(self.options, self.image_size, key[0], mask_chunk=sizes.mask_chunk), batch)
 
-            return point_decoder(model, group=self.tuning.decoder_group)
-        return D.model_decoder(model)
-
-    def _abstract_inputs(self, plan: D.Plan) -> D.AmgInputs:
-        b, s = self.batch_size, self.image_size
-        sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=self._batch_sharding)  # noqa: E731
-        return D.AmgInputs(
-            tuple(sd((b, l.n_crops, s, s, 3), jnp.uint8) for l in plan.layers),
-            tuple(sd((b, l.n_crops, 4), jnp.int32) for l in plan.layers),
-            tuple(sd((b, l.n_crops, 2), jnp.int32) for l in plan.layers),
-            sd((b, 2), jnp.int32))
-
-    def compiled(self, plan: D.Plan, *, return_masks: bool = True, return_low_res: bool = False) -> Any:
-        """The compiled program for ``plan`` (compiled on first use; the time goes to ``timings.compile``)."""
-        key = (plan, return_masks, return_low_res)
-        if key not in self._compiled:
-            t0 = time.perf_counter()
-            fn = jax.jit(self._run, static_argnums=(2, 3, 4))
-            self._compiled[key] = fn.lower(self._state, self._abstract_inputs(plan), plan, return_masks,
-                                           return_low_res).compile()
-            self.timings.compile += time.perf_counter() - t0
-        return self._compiled[key]
+    def program(self, bucket: Bucket, *, return_masks: bool = True, return_low_res: bool = False) -> Program:
+        """The compiled program of ``bucket`` (compiled on first use; the time goes to ``timings.compile``)."""
+        before = self.programs.compile_seconds
+        program = self.programs.program((bucket, return_masks, return_low_res))
+        self.timings.compile += self.programs.compile_seconds - before
+        return program
 
     def warmup(self, image_hw: tuple[int, int], **kwargs: Any) -> float:
         """Compiles the program for images of size ``image_hw``; returns the seconds it took."""
         before = self.timings.compile
-        self.compiled(self.plan_for(image_hw), **kwargs)
+        self.program(Bucket.for_size(image_hw, self.options.bucket), **kwargs)
         return self.timings.compile - before
 
     # ------------------------------------------------------------------ device API
 
     def dispatch(self, images: Sequence[np.ndarray], *, return_masks: bool = True, return_low_res: bool = False
-                 ) -> tuple[D.AmgOutputs, D.Plan]:
+                 ) -> tuple[AmgOutputs, Plan]:
         """Prepares up to ``batch_size`` images of ONE bucket and starts the device work; does not wait.
 
         Returns (``AmgOutputs`` being computed (jax arrays; reading them waits), the plan). See
         ``generate_padded``; ``check_outputs`` verifies the result once it is ready.
         """
         images = [_check_image(im) for im in images]
-        if not 0 < len(images) <= self.batch_size:
-            raise ValueError(f"expected 1..{self.batch_size} images, got {len(images)}")
-        plan = self.plan_for(images[0].shape[:2])
+        if not images:
+            raise ValueError("expected at least one image")
+        bucket = Bucket.for_size(images[0].shape[:2], self.options.bucket)
         for im in images:
-            if not plan.bucket.contains(im.shape[:2]):
-                raise ValueError(f"image of size {im.shape[:2]} is not in the bucket {plan.bucket}")
-        padded = list(images) + [images[-1]] * (self.batch_size - len(images))
+            if not bucket.contains(im.shape[:2]):
+                raise ValueError(f"image of size {im.shape[:2]} is not in the bucket {bucket}")
+        if len(images) > self.batch_size:
+            raise ValueError(f"expected 1..{self.batch_size} images, got {len(images)}")
+        program = self.program(bucket, return_masks=return_masks, return_low_res=return_low_res)
+        if len(images) > program.batch_size:
+            raise ValueError(f"expected 1..{program.batch_size} images, got {len(images)}")
+        plan = Plan.create(self.options, self.image_size, bucket, mask_chunk=program.sizes.mask_chunk)
         t0 = time.perf_counter()
-        inputs = prepare_inputs(padded, plan, as_uint8=True)
-        inputs = jax.device_put(inputs, self._batch_sharding)
-        t1 = time.perf_counter()
-        fn = self.compiled(plan, return_masks=return_masks, return_low_res=return_low_res)
-        self.timings.preprocess += t1 - t0
-        return fn(self._state, inputs), plan
+        inputs = prepare_inputs(images, plan, as_uint8=True)
+        self.timings.preprocess += time.perf_counter() - t0
+        return self.programs.run(program, inputs), plan
 
     def generate_padded(self, images: Sequence[np.ndarray], *, return_masks: bool = True,
-                        return_low_res: bool = False) -> tuple[D.AmgOutputs, D.Plan]:
+                        return_low_res: bool = False) -> tuple[AmgOutputs, Plan]:
         """Runs up to ``batch_size`` images of ONE bucket and returns the padded device outputs.
 
         Args:
           images: uint8 (H, W, 3) RGB images of the same bucket (``plan_for`` equal).
-          return_masks / return_low_res: see ``device.generate_padded``.
+          return_masks / return_low_res: see ``zsp_jax.amg.generate.generate_padded``.
 
         Returns:
-          (``AmgOutputs`` with a leading axis of ``batch_size`` (the first ``len(images)`` rows
-          are the images), the plan).
+          (``AmgOutputs`` with a leading axis of the program's batch size (the first ``len(images)``
+          rows are the images), the plan).
         """
         out, plan = self.dispatch(images, return_masks=return_masks, return_low_res=return_low_res)
         t0 = time.perf_counter()
@@ -292,7 +255,7 @@ class AutomaticMaskGenerator:
         """
         self.timings = Timings(compile=0.0)
         pending: dict[Bucket, list[tuple[int, np.ndarray]]] = {}
-        in_flight: list[tuple[D.AmgOutputs, D.Plan, list[tuple[int, np.ndarray]]]] = []
+        in_flight: list[tuple[AmgOutputs, Plan, list[tuple[int, np.ndarray]]]] = []
         bar = None
         if progress:
             import tqdm
@@ -323,10 +286,11 @@ class AutomaticMaskGenerator:
         try:
             for i, im in enumerate(images):
                 im = _check_image(im)
-                group = pending.setdefault(Bucket.for_size(im.shape[:2], self.options.bucket), [])
+                bucket = Bucket.for_size(im.shape[:2], self.options.bucket)
+                group = pending.setdefault(bucket, [])
                 group.append((i, im))
-                if len(group) == self.batch_size:
-                    yield from launch(pending.pop(Bucket.for_size(im.shape[:2], self.options.bucket)))
+                if len(group) == self.program(bucket).batch_size:
+                    yield from launch(pending.pop(bucket))
             for chunk in list(pending.values()):
                 yield from launch(chunk)
             while in_flight:
@@ -336,23 +300,23 @@ class AutomaticMaskGenerator:
                 bar.close()
 
 
-def check_outputs(out: D.AmgOutputs, n_images: int) -> None:
+def check_outputs(out: AmgOutputs, n_images: int) -> None:
     """Raises if an image of a finished batch did not fit its bucket's static resize bands (a bug)."""
     ok = np.asarray(out.resize_ok)[:n_images]
     if not ok.all():
         raise RuntimeError("an image did not fit its bucket's static resize bands (a bug: please report)")
 
 
-def _warn_truncation(out: D.AmgOutputs, row: int, k: int) -> None:
+def _warn_truncation(out: AmgOutputs, row: int, k: int) -> None:
     if int(out.num_kept[row]) > k:
-        warnings.warn(f"more than max_masks={k} masks survived the NMS; only the best {k} are returned "
-                      "(raise AmgOptions.max_masks)", stacklevel=3)
+        warnings.warn(f"more than max_masks={k} masks survived the NMS ({int(out.num_survived[row])}); only the "
+                      f"best {k} are returned (raise AmgOptions.max_masks)", stacklevel=3)
     elif int(out.truncated_crops[row]) > 0:
         warnings.warn(f"{int(out.truncated_crops[row])} crop(s) kept more than max_masks={k} masks before the "
                       "cross-crop NMS; the rest were dropped (raise AmgOptions.max_masks)", stacklevel=3)
 
 
-def records_from_outputs(out: D.AmgOutputs, row: int, image_hw: tuple[int, int], plan: D.Plan
+def records_from_outputs(out: AmgOutputs, row: int, image_hw: tuple[int, int], plan: Plan
                          ) -> list[dict[str, Any]]:
     """One image's padded outputs (numpy) -> segment-anything's records, in the reference's order.
 

@@ -11,7 +11,9 @@ order, same integer crop boxes in the same order), written from its description:
 
 A **bucket** is a static padded image size: every image whose height and width round up to the
 same multiple of ``AmgOptions.bucket`` shares one compiled program. The bucket also bounds the
-sizes of the crops of every layer, which fixes the static canvas of each layer.
+sizes of the crops of every layer, which fixes the static canvas of each layer. A folder of
+many sizes would compile one program per bucket; ``folder_buckets`` merges its buckets until
+each program serves enough images (images keep their size: a larger canvas only pads them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import dataclasses
 import math
 
 import numpy as np
+
+from zsp_jax.models.sam.transforms import resize_longest_side_shape
 
 
 def point_grid(n_per_side: int) -> np.ndarray:
@@ -69,12 +73,6 @@ def crop_boxes(image_hw: tuple[int, int], crop_n_layers: int, overlap_ratio: flo
 def crops_per_layer(crop_n_layers: int) -> list[int]:
     """[1, 4, 16, ...]: crops in each layer."""
     return [4 ** i for i in range(crop_n_layers + 1)]
-
-
-def resize_longest_side_shape(h: int, w: int, target: int) -> tuple[int, int]:
-    """(new_h, new_w) with the longest side ``target``, rounded as ResizeLongestSide (int(x*scale + 0.5))."""
-    scale = target * 1.0 / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,3 +148,68 @@ def crop_plan(image_hw: tuple[int, int], crop_n_layers: int, overlap_ratio: floa
                             for x0, y0, x1, y1 in b], np.int32).reshape(-1, 2)
         out.append((b, sizes))
     return out
+
+
+def bucket_cost(bucket: Bucket, image_size: int) -> float:
+    """The size-dependent work of one image in ``bucket``, up to a constant: its canvas times the band width
+    of the logit upsampling (``zsp_jax.amg.upsample``), which grows as the bucket's shortest long side
+    shrinks. The encoder and the prompt decoder cost the same for every image size."""
+    from zsp_jax.amg.upsample import band_for_long_side
+
+    band = band_for_long_side(image_size, bucket.layer_min_long_side(0, 0.0))
+    return float(bucket.height * bucket.width * band.window)
+
+
+def merge_buckets(a: Bucket, b: Bucket) -> Bucket:
+    """The smallest bucket that accepts every image of ``a`` and of ``b``."""
+    long_side = min(max(a.min_height, a.min_width, a.min_long_side), max(b.min_height, b.min_width, b.min_long_side))
+    return Bucket(max(a.height, b.height), max(a.width, b.width), min(a.min_height, b.min_height),
+                  min(a.min_width, b.min_width), long_side)
+
+
+def folder_buckets(sizes: list[tuple[int, int]], step: int, min_images: int, image_size: int
+                   ) -> dict[tuple[int, int], Bucket]:
+    """A bucket for every image size of a folder, such that each bucket (one compiled program) serves at least
+    ``min_images`` of its images (unless there are fewer images in all).
+
+    Starts from ``Bucket.for_size(hw, step)`` of every size; while a bucket has fewer than
+    ``min_images`` images, the one with the fewest (the smaller canvas on a tie) is merged with the
+    bucket that adds the least work (``bucket_cost`` of the merged bucket times its images, minus
+    the two buckets' own). So a folder of N images compiles at most max(1, N // min_images)
+    programs. The result depends only on the list of sizes (every process of a job computes the same).
+
+    Args:
+      sizes: (H, W) of every image (repeats count).
+      step: ``AmgOptions.bucket``.
+      min_images: fewest images per bucket (1 keeps the buckets as they are).
+      image_size: the SAM input side S.
+
+    Returns:
+      {(H, W): its bucket} for every distinct size.
+    """
+    counts: dict[Bucket, int] = {}
+    natural = {hw: Bucket.for_size(hw, step) for hw in sizes}
+    for hw in sizes:
+        counts[natural[hw]] = counts.get(natural[hw], 0) + 1
+    merged_into = {b: b for b in counts}
+
+    def order(b: Bucket) -> tuple:
+        return counts[b], b.height * b.width, b.height, b.width
+
+    def added_cost(a: Bucket, b: Bucket) -> float:
+        union = merge_buckets(a, b)
+        return ((counts[a] + counts[b]) * bucket_cost(union, image_size) - counts[a] * bucket_cost(a, image_size)
+                - counts[b] * bucket_cost(b, image_size))
+
+    while len(counts) > 1:
+        smallest = min(counts, key=order)
+        if counts[smallest] >= min_images:
+            break
+        partner = min((b for b in counts if b != smallest), key=lambda b: (added_cost(smallest, b), order(b)))
+        union = merge_buckets(smallest, partner)
+        n = counts.pop(smallest) + counts.pop(partner)
+        counts[union] = counts.get(union, 0) + n
+        for original, current in merged_into.items():
+            if current in (smallest, partner):
+                merged_into[original] = union
+    return {hw: merged_into[bucket] for hw, bucket in natural.items()}

@@ -16,7 +16,8 @@ from a library because the JAX NMS implementations we know (scenic's MLPerf-deri
 jax-based detection ports) suppress with ``>=`` or use +1 areas, or sort unstably, any of which
 changes which masks survive. The suppression loop is a ``lax.while_loop`` that visits only the
 valid boxes and stops as soon as ``max_keep + 1`` boxes are kept (one more than fits, so the
-caller can tell that the output was truncated); each step computes one IoU row, O(N).
+caller can tell that the output was truncated; ``count_all`` counts them all); each step computes
+one IoU row, O(N).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def score_order(scores: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def nms_padded(boxes: jax.Array, scores: jax.Array, valid: jax.Array, iou_threshold: float | jax.Array,
-               max_keep: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+               max_keep: int, *, count_all: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Greedy NMS on a fixed-size set of boxes.
 
     Args:
@@ -69,12 +70,16 @@ def nms_padded(boxes: jax.Array, scores: jax.Array, valid: jax.Array, iou_thresh
       iou_threshold: suppress IoU > this; a Python float is compared as torchvision does (float32
         IoU against the double threshold), a traced scalar in float32.
       max_keep: static size of the output.
+      count_all: go on after ``max_keep + 1`` boxes are kept, to count every box the NMS keeps (the
+        loop then visits every valid box; by default it stops as soon as the output is known to be
+        truncated).
 
     Returns:
       keep: (max_keep,) int32 indices into ``boxes`` in visiting (descending score) order;
         entries past ``count`` are 0.
       keep_valid: (max_keep,) bool, True for the first min(count, max_keep) entries.
-      count: () int32, boxes kept, capped at max_keep + 1 (more than max_keep = truncated).
+      count: () int32, boxes kept, capped at max_keep + 1 (more than max_keep = truncated) unless
+        ``count_all``.
     """
     n = boxes.shape[0]
     order = score_order(scores, valid)
@@ -86,7 +91,7 @@ def nms_padded(boxes: jax.Array, scores: jax.Array, valid: jax.Array, iou_thresh
 
     def cond(state):
         i, kept, _, _ = state
-        return (i < n_valid) & (kept <= max_keep)
+        return (i < n_valid) if count_all else (i < n_valid) & (kept <= max_keep)
 
     def body(state):
         i, kept, suppressed, out = state

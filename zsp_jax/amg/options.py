@@ -140,10 +140,3 @@ class AmgOptions:
         if self.point_grids is not None:
             return [np.asarray(g, np.float64).reshape(-1, 2) for g in self.point_grids[: self.crop_n_layers + 1]]
         return layer_point_grids(self.points_per_side, self.crop_n_layers, self.crop_n_points_downscale_factor)
-
-
-def as_options(options: AmgOptions | None = None, **overrides: Any) -> AmgOptions:
-    """``options`` (default ``AmgOptions()``) with ``overrides`` applied."""
-    base = options if options is not None else AmgOptions()
-    return base.replace(**overrides) if overrides else base
-

@@ -15,8 +15,7 @@ map directly, which never builds the S x S intermediate:
   lower bound on the crop's long side (``Bucket``), and every call checks that the taps fit
   (``ok``), which the host wrapper turns into an error.
 
-Sample positions and weights follow torch's CPU kernel (``src = scale * (dst + 0.5) - 0.5``
-clamped at 0, ``scale = in / out`` in float32, right neighbour clamped at the edge), so the
+Sample positions and weights follow torch's CPU kernel (``zsp_jax.utils.resize.bilinear_taps``), so the
 result equals the reference up to float32 rounding of the composed weights (about 1e-7
 relative), which moves a thresholded mask only where a logit is within that distance of the
 threshold.
@@ -29,30 +28,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-
-def _linear_taps_np(in_len: int, out_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Static torch bilinear taps (i0, i1, w0, w1), float32 arithmetic as torch's CPU kernel."""
-    scale = np.float32(in_len) / np.float32(out_len)
-    dst = np.arange(out_len, dtype=np.float32)
-    src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
-    i0 = src.astype(np.int32)
-    i1 = i0 + (i0 < in_len - 1).astype(np.int32)
-    w1 = (src - i0).astype(np.float32)
-    return i0, i1, (np.float32(1) - w1).astype(np.float32), w1
-
-
-def _linear_taps(in_len: jax.Array, out_len: jax.Array, n_out: int) -> tuple[jax.Array, ...]:
-    """Traced torch bilinear taps for outputs 0..n_out-1 of an in_len -> out_len resize."""
-    scale = in_len.astype(jnp.float32) / out_len.astype(jnp.float32)
-    dst = jnp.arange(n_out, dtype=jnp.float32)
-    src = jnp.maximum(scale * (dst + 0.5) - 0.5, 0.0)
-    i0 = src.astype(jnp.int32)
-    i0 = jnp.minimum(i0, jnp.maximum(in_len - 1, 0))
-    i1 = i0 + (i0 < in_len - 1).astype(jnp.int32)
-    w1 = src - i0.astype(jnp.float32)
-    return i0, i1, 1.0 - w1, w1
+from zsp_jax.utils.resize import bilinear_taps, bilinear_taps_np
 
 
 def composed_taps(low: int, size: int, input_len: jax.Array, out_len: jax.Array, offset: jax.Array,
@@ -72,10 +49,10 @@ def composed_taps(low: int, size: int, input_len: jax.Array, out_len: jax.Array,
     Returns:
       idx (n_out, 4) int32 low-res indices and w (n_out, 4) float32 weights.
     """
-    a0, a1, u0, u1 = (jnp.asarray(t) for t in _linear_taps_np(low, size))
+    a0, a1, u0, u1 = (jnp.asarray(t) for t in bilinear_taps_np(low, size))
     local = jnp.arange(n_out, dtype=jnp.int32) * stride - offset
     inside = (local >= 0) & (local < out_len)
-    b0, b1, v0, v1 = _linear_taps(input_len, out_len, n_out * stride)
+    b0, b1, v0, v1 = bilinear_taps(input_len, out_len, n_out * stride)
     take = lambda t, i: t[jnp.clip(i, 0, size - 1)]  # noqa: E731
     pos = jnp.clip(local, 0, n_out * stride - 1)
     b0, b1, v0, v1 = b0[pos], b1[pos], v0[pos], v1[pos]

@@ -4,8 +4,10 @@ The labeller writes one palette PNG per image (``decode.encode_png`` with the VO
 class indices, 255 = ignore) at ``<labels_dir>/<relpath>``, where ``relpath`` is the image's
 ``Example.name`` with its extension replaced by ``.png``: ``JPEGImages/2007_000033.jpg`` ->
 ``JPEGImages/2007_000033.png``; a user folder's ``trip/day1/img.JPG`` -> ``trip/day1/img.png``.
-Two images whose names differ only by extension would share a map; ``check_unique`` refuses
-such a list up front, naming the files.
+Images whose names differ only by extension (``x.jpg`` beside ``x.png``) keep their extension
+instead, so that each gets its own map: ``x.jpg.png`` and ``x.png.png`` (``clashing_names``).
+Readers find a map with ``find_label``: the extension-keeping name first, then the plain one, so
+the trainer follows the rule without knowing which images clashed.
 
 The trainer's side: ``check_pseudo_labels`` checks every map before training (missing,
 undecodable, colour, out-of-range or mis-sized maps are bad input under
@@ -23,27 +25,33 @@ from typing import Any
 import numpy as np
 
 
-def label_relpath(name: str, suffix: str = ".png") -> str:
-    """The pseudo-label map's path relative to the labels folder, for an image ``name`` (POSIX form)."""
-    stem, _ = os.path.splitext(name.replace(os.sep, "/"))
+def label_relpath(name: str, suffix: str = ".png", *, keep_extension: bool = False) -> str:
+    """The pseudo-label map's path relative to the labels folder, for an image ``name`` (POSIX form).
+
+    ``keep_extension``: ``x.jpg`` -> ``x.jpg.png`` (for names in ``clashing_names``) instead of ``x.png``.
+    """
+    path = name.replace(os.sep, "/")
+    stem = path if keep_extension else os.path.splitext(path)[0]
     if not stem or stem.startswith("/") or ".." in stem.split("/"):
         raise ValueError(f"image name {name!r} cannot be mapped inside a labels folder")
     return stem + suffix
 
 
-def check_unique(names: Iterable[str]) -> None:
-    """Raises ``ValueError`` listing names that map to the same label file (e.g. ``a.jpg`` and ``a.png``)."""
-    seen: dict[str, str] = {}
-    clashes = []
+def clashing_names(names: Iterable[str]) -> set[str]:
+    """The names that share their extension-less path with another name (``a/x.jpg`` and ``a/x.png``):
+    their outputs keep the extension (``label_relpath(..., keep_extension=True)``)."""
+    by_stem: dict[str, list[str]] = {}
     for n in names:
-        rel = label_relpath(n)
-        if rel in seen:
-            clashes.append(f"{seen[rel]} and {n} -> {rel}")
-        else:
-            seen[rel] = n
-    if clashes:
-        raise ValueError(f"{len(clashes)} pair(s) of images would share a pseudo-label file (rename one of each): "
-                         + "; ".join(clashes[:10]))
+        by_stem.setdefault(label_relpath(n), []).append(n)
+    return {n for group in by_stem.values() if len(group) > 1 for n in group}
+
+
+def find_label(folder: str, name: str, suffix: str = ".png") -> str:
+    """The file of image ``name`` in a labels-like ``folder`` (labels, segments, ground truth): the
+    extension-keeping name if that file exists, else the plain one (which may not exist)."""
+    root = os.path.abspath(os.path.expanduser(folder))
+    kept = os.path.join(root, label_relpath(name, suffix, keep_extension=True))
+    return kept if os.path.isfile(kept) else os.path.join(root, label_relpath(name, suffix))
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -54,8 +62,8 @@ SEGMENTS_DIRNAME = "segments"
 
 
 def label_path(labels_dir: str, name: str) -> str:
-    """Absolute path of image ``name``'s pseudo-label map inside ``labels_dir``."""
-    return os.path.join(os.path.abspath(os.path.expanduser(labels_dir)), label_relpath(name))
+    """Absolute path of image ``name``'s pseudo-label map inside ``labels_dir`` (``find_label``)."""
+    return find_label(labels_dir, name)
 
 
 def check_pseudo_label(example: Any, num_classes: int | None, exif: bool) -> tuple[int, int]:
@@ -95,7 +103,6 @@ def check_pseudo_labels(examples: Sequence[Any], labels_dir: str, *, num_classes
     """
     from zsp_jax.data import readers, scan
 
-    check_unique(e.name for e in examples)
     probes = [readers.Example(e.name, e.image, label_path(labels_dir, e.name)) for e in examples]
     res = scan.scan_examples(probes, num_classes=num_classes, exif=exif, cache_path=cache_path, progress=progress,
                              check=check_pseudo_label, kind="pseudo_label")
@@ -163,7 +170,7 @@ def read_segments(segments_dir: str, name: str) -> dict[str, Any]:
     """
     import json
 
-    path = os.path.join(segments_dir, label_relpath(name, ".json"))
+    path = find_label(segments_dir, name, ".json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: per-segment record of {name} missing (needed by enhanced-label option C)")
     try:

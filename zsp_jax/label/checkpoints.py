@@ -73,7 +73,7 @@ def _convert(what: str, help_text: str, fn: Any) -> Any:
                               f"tools/convert_{what.lower()}.py and pass the .safetensors") from None
 
 
-def sam_safetensors(path: str, cache_dir: str, *, allow_custom: bool = False) -> str:
+def sam_safetensors(path: str, cache_dir: str, *, allow_custom: bool = False, log: Any = print) -> str:
     """A converted SAM file for ``path`` (itself, or a conversion cached in ``cache_dir``).
 
     ``allow_custom`` accepts architectures other than vit_b / vit_l / vit_h (off by default, so a
@@ -86,6 +86,8 @@ def sam_safetensors(path: str, cache_dir: str, *, allow_custom: bool = False) ->
         return path
     out = _converted_path(path, cache_dir)
     if not _up_to_date(out, path):
+        log(f"converting the SAM checkpoint {path} to {out} (once; reused while the file is unchanged) ...")
+
         def run() -> None:
             from zsp_jax.models.sam.convert import convert_checkpoint
 
@@ -99,19 +101,20 @@ def sam_safetensors(path: str, cache_dir: str, *, allow_custom: bool = False) ->
     return out
 
 
-def load_sam_checkpoint(path: str, cache_dir: str, *, dtype: Any, allow_custom: bool = False) -> Any:
-    """(Sam, SamConfig) from any accepted SAM checkpoint."""
+def load_sam_checkpoint(path: str, cache_dir: str, *, dtype: Any, allow_custom: bool = False,
+                        attention: str = "auto") -> Any:
+    """(Sam, SamConfig) from any accepted SAM checkpoint; ``attention`` as ``Sam``'s."""
     from zsp_jax.models.sam import load_sam
     from zsp_jax.utils.weights import ConversionError
 
     converted = sam_safetensors(path, cache_dir, allow_custom=allow_custom)
     try:
-        return load_sam(converted, dtype=dtype, param_dtype=dtype)
+        return load_sam(converted, dtype=dtype, param_dtype=dtype, attention=attention)
     except (ConversionError, OSError, ValueError) as e:
         raise CheckpointError(f"{converted} is not a converted SAM checkpoint: {e}; {SAM_HELP}") from None
 
 
-def clip_safetensors(path: str, cache_dir: str, *, model_name: str = "") -> str:
+def clip_safetensors(path: str, cache_dir: str, *, model_name: str = "", log: Any = print) -> str:
     """A converted CLIP file for ``path`` (itself, or a conversion cached in ``cache_dir``), with the
     tokenizer vocabulary beside it when the source has one."""
     from zsp_jax.utils.weights import ConversionError
@@ -121,6 +124,8 @@ def clip_safetensors(path: str, cache_dir: str, *, model_name: str = "") -> str:
         return path
     out = _converted_path(path, cache_dir)
     if not _up_to_date(out, path):
+        log(f"converting the CLIP checkpoint {path} to {out} (once; reused while the file is unchanged) ...")
+
         def run() -> None:
             from zsp_jax.models.clip import convert as C
 
@@ -134,8 +139,9 @@ def clip_safetensors(path: str, cache_dir: str, *, model_name: str = "") -> str:
     return out
 
 
-def load_clip_checkpoint(path: str, cache_dir: str, *, model_name: str = "", dtype: Any) -> tuple[Any, Any]:
-    """(ClipModel, ClipTokenizer) from any accepted CLIP checkpoint.
+def load_clip_checkpoint(path: str, cache_dir: str, *, model_name: str = "", dtype: Any,
+                         attention: str = "auto") -> tuple[Any, Any]:
+    """(ClipModel, ClipTokenizer) from any accepted CLIP checkpoint; ``attention`` as ``ClipModel``'s.
 
     The vocabulary is the ``<file>.tokenizer/`` directory ``tools/convert_clip.py`` writes when
     present, else the one that ships with open_clip (``ClipTokenizer.load()``).
@@ -145,7 +151,7 @@ def load_clip_checkpoint(path: str, cache_dir: str, *, model_name: str = "", dty
 
     converted = clip_safetensors(path, cache_dir, model_name=model_name)
     try:
-        model = load_clip(converted, dtype=dtype)
+        model = load_clip(converted, dtype=dtype, attention=attention)
     except (ConversionError, OSError, ValueError) as e:
         raise CheckpointError(f"{converted} is not a converted CLIP checkpoint: {e}; {CLIP_HELP}") from None
     vocab_dir = converted[: -len(".safetensors")] + ".tokenizer"
@@ -206,6 +212,11 @@ def describe_clip(path: str, model_name: str = "") -> str:
             sd = C.read_torch_file(path)
             fmt = C.detect_format(path, sd)
             if fmt == "open_clip":
+                if not model_name:  # the activation is not in the file (as convert_state_dict refuses)
+                    raise CheckpointError(
+                        f"{path}: an open_clip state_dict does not record its activation; give its open_clip model "
+                        f"name with --clip_model_name (label.clip_model_name): ViT-B-16-quickgelu for OpenAI's "
+                        f"weights (QuickGELU), ViT-B-16 for open_clip's LAION / DataComp weights (GELU)")
                 sd = C.normalize_open_clip_keys(sd)
             config = C.config_from_openai_state_dict(sd, act="gelu", source_name=path, model_name=model_name or None)
         return config.variant_name()

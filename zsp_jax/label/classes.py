@@ -122,6 +122,19 @@ def _parse_lines(lines: Sequence[tuple[int, str]], where: str) -> ClassList:
     return ClassList(tuple(names), tuple(prompts), where)
 
 
+def read_text_lines(path: str) -> list[str]:
+    """The lines of a text file in UTF-8 (with or without BOM) or UTF-16 (with its BOM, as some Windows
+    editors save); ``ValueError`` naming the file for anything else."""
+    with open(path, "rb") as f:
+        data = f.read()
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return data.decode(encoding).splitlines(keepends=True)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"class file {path}: not UTF-8 or UTF-16 text ({e.reason} at byte {e.start}); save it as "
+                         f"UTF-8") from None
+
+
 def load_classes(spec: str) -> ClassList:
     """``voc`` | ``coco`` | ``a,b,c`` | path to a class file -> ``ClassList`` (see the module docstring)."""
     spec = str(spec).strip()
@@ -131,8 +144,7 @@ def load_classes(spec: str) -> ClassList:
         return _builtin(COCO_CLASSES, "coco")
     path = os.path.expanduser(spec)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return _parse_lines(list(enumerate(f, start=1)), path)
+        return _parse_lines(list(enumerate(read_text_lines(path), start=1)), path)
     if "," in spec:
         return _parse_lines([(i + 1, item) for i, item in enumerate(spec.split(","))], "inline class list")
     raise ValueError(f"classes {spec!r}: not 'voc', 'coco', a comma-separated list or an existing class file")

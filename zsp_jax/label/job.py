@@ -7,14 +7,16 @@
 2. sizes: a thread pool reads every remaining image's header (size, EXIF orientation) — no
    pixels are kept, so a folder of 100,000 images costs a list of names and sizes; unreadable
    files are reported at once;
-3. work split: images are grouped by size bucket; across processes whole buckets are dealt to
-   the least-loaded process (a bucket larger than a fair share is cut at group boundaries), so
-   each process compiles only its buckets; within a bucket images go in name order, in groups
-   of ``images_per_device``, so every image is computed in the same group whatever the number
-   of devices or processes (the same bits);
+3. work split: images are grouped by size bucket (``Labeller.buckets_for`` over the sizes of
+   every image of the job, finished ones included, so a resumed run buckets as the first did);
+   across processes whole buckets are dealt to the least-loaded process (a bucket larger than a
+   fair share is cut at group boundaries), so each process compiles only its buckets; within a
+   bucket images go in name order, in groups of ``images_per_device``, so every image is computed
+   in the same group whatever the number of devices or processes (the same bits);
 4. the loop: decode + preparation run ``prefetch`` batches ahead in ``decode_threads`` threads;
    the device works on one batch while the host converts the previous one; ``write_threads``
    write the files, and each image's manifest line is appended after its files are in place;
+   while the device works on a bucket, the next bucket's program compiles in the background;
 5. a summary with counts, failures, per-stage times and the fraction of time the device waited.
 
 Bad input (0-byte, truncated, unreadable, too large for PIL) never stops the run: it is
@@ -37,7 +39,7 @@ import jax
 import numpy as np
 
 from zsp_jax.amg.geometry import Bucket
-from zsp_jax.label import outputs as O
+from zsp_jax.label import outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +125,9 @@ class _DeviceClock:
         self._pool = cf.ThreadPoolExecutor(1)
         self.intervals: list[tuple[float, cf.Future]] = []
 
-    def started(self, outputs: Any) -> None:
+    def started(self, device_outputs: Any) -> None:
         t0 = time.perf_counter()
-        self.intervals.append((t0, self._pool.submit(lambda: (jax.block_until_ready(outputs),
+        self.intervals.append((t0, self._pool.submit(lambda: (jax.block_until_ready(device_outputs),
                                                               time.perf_counter())[1])))
 
     def busy(self) -> tuple[float, float]:
@@ -151,6 +153,7 @@ class StageTimes:
     decode: float = 0.0
     prepare: float = 0.0
     wait_for_input: float = 0.0
+    wait_for_compile: float = 0.0
     dispatch: float = 0.0
     wait_for_device: float = 0.0
     convert: float = 0.0
@@ -188,25 +191,30 @@ def run_job(labeller: Any, items: Sequence[WorkItem], out_dir: str, *, threads: 
 
     t_start = time.perf_counter()
     o = labeller.options
-    pseudo_labels.check_unique(i.name for i in items)
+    keep_extension = pseudo_labels.clashing_names(i.name for i in items)  # x.jpg beside x.png: both labelled
     times = StageTimes()
-    previous = O.read_manifests(out_dir)
+    previous = outputs.read_manifests(out_dir)
     finished = {n for n, e in previous.items() if e.get("status") == "ok" or (e.get("status") == "failed"
                                                                              and not retry_failed)}
     todo = [i for i in items if i.name not in finished]
     t0 = time.perf_counter()
     sized, unreadable = scan_sizes(todo, threads[0], progress and process_index == 0)
     times.sizes = time.perf_counter() - t0
+    sized.sort(key=lambda x: x[0].name)
+    names = {i.name for i in items}
+    done_sizes = [(int(e["height"]), int(e["width"])) for n, e in sorted(previous.items())
+                  if n in names and n in finished and e.get("status") == "ok" and "height" in e]
     groups: dict[Bucket, list[WorkItem]] = collections.defaultdict(list)
-    size_of: dict[str, tuple[int, int]] = {}
-    for item, hw in sorted(sized, key=lambda x: x[0].name):
-        groups[labeller.bucket_for(hw)].append(item)
-        size_of[item.name] = hw
-    mine = split_work(groups, labeller.tuning.images_per_device, process_index, process_count)
+    for (item, _), bucket in zip(sized, labeller.buckets_for([hw for _, hw in sized] + done_sizes)):
+        groups[bucket].append(item)
+    bucket_of = {item.name: bucket for bucket, its in groups.items() for item in its}
+    # Pieces end at multiples of the largest images_per_device "auto" may choose (each choice divides it).
+    largest_group = labeller.batch_size // len(labeller.mesh.devices.flat)
+    mine = split_work(groups, largest_group, process_index, process_count)
     my_unreadable = [(i, r) for k, (i, r) in enumerate(unreadable) if k % process_count == process_index]
     n_mine = sum(len(v) for _, v in mine) + len(my_unreadable)
 
-    manifest = O.Manifest(out_dir, process_index, process_count)
+    manifest = outputs.Manifest(out_dir, process_index, process_count)
     counts = collections.Counter()
     failures: list[dict[str, str]] = []
     lock = threading.Lock()
@@ -224,9 +232,11 @@ def run_job(labeller: Any, items: Sequence[WorkItem], out_dir: str, *, threads: 
     for item, reason in my_unreadable:
         fail(item, reason)
 
-    # Batches of whole groups per bucket: batch_size = devices x images_per_device.
+    # Units of work prepared ahead: the most images a call can take (devices x the largest images_per_device);
+    # each is dispatched in calls of its bucket's program's batch size (a divisor of it).
     calls = [(bucket, its[s:s + labeller.batch_size]) for bucket, its in mine
              for s in range(0, len(its), labeller.batch_size)]
+    next_bucket = {bucket: following for (bucket, _), (following, _) in zip(mine, mine[1:])}
     decode_pool = cf.ThreadPoolExecutor(threads[0], thread_name_prefix="label-decode")
     write_pool = cf.ThreadPoolExecutor(threads[1], thread_name_prefix="label-write")
     write_slots = threading.BoundedSemaphore(2 * labeller.batch_size + threads[1])
@@ -240,7 +250,7 @@ def run_job(labeller: Any, items: Sequence[WorkItem], out_dir: str, *, threads: 
             return item, None, str(e), time.perf_counter() - t0, 0.0
         t1 = time.perf_counter()
         try:
-            prepared = labeller.prepare(image)
+            prepared = labeller.prepare(image, bucket_of.get(item.name))
         except Exception as e:  # noqa: BLE001
             return item, None, f"cannot prepare: {type(e).__name__}: {e}", t1 - t0, time.perf_counter() - t1
         return item, prepared, None, t1 - t0, time.perf_counter() - t1
@@ -248,16 +258,18 @@ def run_job(labeller: Any, items: Sequence[WorkItem], out_dir: str, *, threads: 
     def write(item: WorkItem, result: Any, prepared: Any, device_s: float) -> None:
         try:
             t0 = time.perf_counter()
-            paths = O.output_paths(out_dir, item.name, confidence=o.write_confidence, segments=o.write_segments,
-                                   overlays=o.write_overlays)
-            O.write_image_outputs(paths, item.name, result, prepared.image if o.write_overlays else None)
+            paths = outputs.output_paths(out_dir, item.name, confidence=o.write_confidence,
+                                         segments=o.write_segments, overlays=o.write_overlays,
+                                         keep_extension=item.name in keep_extension)
+            outputs.write_image_outputs(paths, item.name, result, prepared.image if o.write_overlays else None)
             dt = time.perf_counter() - t0
             hist = np.bincount(result.label.reshape(-1), minlength=256)
             h, w = result.label.shape
             manifest.append(_entry(
                 item, status="ok", label=os.path.relpath(paths["label"], out_dir), exif=item.exif, height=h, width=w,
                 work_size=list(prepared.work_hw), bucket=[prepared.bucket.height, prepared.bucket.width],
-                segments=result.num_segments, pixels={str(v): int(c) for v, c in enumerate(hist) if c},
+                segments=result.num_segments, masks_survived=result.masks_survived,
+                pixels={str(v): int(c) for v, c in enumerate(hist) if c},
                 covered=round(1.0 - hist[255] / (h * w), 6), warnings=result.warnings,
                 seconds={"device": round(device_s, 4), "write": round(dt, 4)}, process=process_index))
             with lock:
@@ -276,16 +288,27 @@ def run_job(labeller: Any, items: Sequence[WorkItem], out_dir: str, *, threads: 
         if k < len(calls):
             pending.append([decode_pool.submit(prepare, item) for item in calls[k][1]])
 
+    announced: set[Bucket] = set()
+
+    def program_of(bucket: Bucket) -> Any:
+        """The bucket's program; on first use says what was chosen, and starts compiling the next bucket's."""
+        t0 = time.perf_counter()
+        if bucket not in announced and bucket not in labeller.programs.programs:
+            bar.write(f"compiling the program for {bucket.height}x{bucket.width} images ...")
+        program = labeller.program(bucket)
+        waited = time.perf_counter() - t0
+        times.wait_for_compile += waited
+        if clock.intervals:  # the device waits for a program, not for input
+            compile_in_window[0] += waited
+        if bucket not in announced:
+            announced.add(bucket)
+            bar.write(f"bucket {bucket.height}x{bucket.width}: {program.describe()}")
+            if bucket in next_bucket:
+                labeller.prefetch(next_bucket[bucket])
+        return program
+
     def launch(batch: list[tuple[WorkItem, Any]]) -> tuple[Any, list[tuple[WorkItem, Any]], float]:
-        plan = labeller.plan_for(batch[0][1].bucket)
-        if plan not in labeller.compile_seconds:
-            b = plan.amg.bucket
-            bar.write(f"compiling the program for {b.height}x{b.width} images "
-                      f"({labeller.batch_size} per call) ...")
-            labeller.compiled(plan)
-            bar.write(f"  compiled in {labeller.compile_seconds[plan]:.1f} s; {labeller.memory[plan]}")
-            if clock.intervals:  # the device waits for a program, not for input
-                compile_in_window[0] += labeller.compile_seconds[plan]
+        program_of(batch[0][1].bucket)
         t0 = time.perf_counter()
         out = labeller.dispatch([p for _, p in batch])
         times.dispatch += time.perf_counter() - t0
@@ -326,15 +349,18 @@ def run_job(labeller: Any, items: Sequence[WorkItem], out_dir: str, *, threads: 
                     stragglers[p.bucket].append((item, p))
                 else:
                     batch.append((item, p))
-            flight = launch(batch) if batch else None
-            if in_flight is not None:
-                finish(in_flight)
-            in_flight = flight
+            size = program_of(bucket).batch_size if batch else 1
+            for start in range(0, len(batch), size):
+                flight = launch(batch[start:start + size])
+                if in_flight is not None:
+                    finish(in_flight)
+                in_flight = flight
         if in_flight is not None:
             finish(in_flight)
         for bucket, its in stragglers.items():
-            for s in range(0, len(its), labeller.batch_size):
-                finish(launch(its[s:s + labeller.batch_size]))
+            size = program_of(bucket).batch_size
+            for start in range(0, len(its), size):
+                finish(launch(its[start:start + size]))
     finally:
         decode_pool.shutdown(wait=True, cancel_futures=True)
         write_pool.shutdown(wait=True)
@@ -350,9 +376,10 @@ def run_job(labeller: Any, items: Sequence[WorkItem], out_dir: str, *, threads: 
         "done_before": len(items) - len(todo), "assigned": n_mine, "labelled": n, "failed": counts["failed"],
         "failures": failures, "seconds": round(wall, 2), "images_per_s": round(n / wall, 3) if wall > 0 else None,
         "buckets": [[b.height, b.width, len(v)] for b, v in mine],
-        "compile_seconds": {f"{p.amg.bucket.height}x{p.amg.bucket.width}": round(s, 2)
-                            for p, s in labeller.compile_seconds.items()},
-        "memory": {f"{p.amg.bucket.height}x{p.amg.bucket.width}": m for p, m in labeller.memory.items()},
+        "compile_seconds": {f"{b.height}x{b.width}": round(p.compile_seconds, 2)
+                            for b, p in labeller.programs.programs.items()},
+        "programs": {f"{b.height}x{b.width}": p.describe() for b, p in labeller.programs.programs.items()},
+        "memory": {f"{b.height}x{b.width}": p.memory for b, p in labeller.programs.programs.items()},
         "stage_seconds": {k: round(v, 3) for k, v in dataclasses.asdict(times).items()},
         "device_busy_seconds": round(busy, 3),
         "device_idle_fraction": round(max(0.0, 1.0 - busy / window), 4) if window > 0 and n else None,

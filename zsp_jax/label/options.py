@@ -20,8 +20,9 @@ from typing import Any
 
 import ml_collections
 
-from zsp_jax.amg import AmgOptions
+from zsp_jax.amg import AmgOptions, tuning
 from zsp_jax.config_utils import check_choice, check_range
+from zsp_jax.models.attention import ATTENTION_CHOICES
 from zsp_jax.models.clip import GemConfig
 
 NO_CLASS_RULES = ("cosine", "softmax", "none")
@@ -32,6 +33,8 @@ SYNONYMS = ("max", "mean")
 DTYPES = ("auto", "float32", "bfloat16")
 PRECISIONS = ("auto", "highest", "high", "default")
 IGNORE = 255
+# Settings that change how fast labels are made and how they are batched, not what they are: not in the fingerprint.
+THROUGHPUT_FIELDS = ("device_memory_gb", "memory_fraction", "bucket_min_images")
 
 
 def default_label_config() -> ml_collections.ConfigDict:
@@ -96,12 +99,20 @@ def default_label_config() -> ml_collections.ConfigDict:
     c.write_segments = False        # segments/<id>.json: COCO-RLE masks with class, similarity, IoU, stability, bbox
     c.write_overlays = False        # overlays/<id>.jpg: the image with its pseudo label blended in
     c.report_images = 24            # images in report.html (0 = no report)
-    # --- numerics and throughput (0 / "auto" = the device kind's default, see README)
+    # --- numerics and throughput ("auto" = chosen per device kind and memory, see README)
     c.dtype = "auto"                # float32 | bfloat16 compute for SAM and CLIP
     c.matmul_precision = "auto"     # highest | high | default (jax_default_matmul_precision while compiling)
-    c.images_per_device = 0
-    c.decoder_group = 0
-    c.mask_chunk = 0
+    c.attention = "auto"            # SAM/CLIP attention: auto (by backend) | xla | cudnn (GPU, bfloat16) | einsum
+    # Sizes of the compiled programs: an int, or auto = per size bucket, the largest (up to the device kind's
+    # limit, zsp_jax/amg/tuning.py) whose XLA memory estimate fits memory_fraction of device_memory_gb.
+    c.images_per_device = ml_collections.FieldReference("auto", field_type=object)  # images per device step
+    c.decoder_group = ml_collections.FieldReference("auto", field_type=object)  # prompts per decoder call
+    c.mask_chunk = ml_collections.FieldReference("auto", field_type=object)  # kept masks upsampled at once
+    c.device_memory_gb = 0.0        # memory per device for auto; 0 = the device's own limit (CPU: RAM / devices)
+    c.memory_fraction = 0.8         # share of device_memory_gb a program's XLA estimate may take
+    # A folder of mixed sizes: size buckets merge until each compiled program serves at least this many images
+    # (auto: 8 on CPU, 64 on accelerators; 1 = one program per padded size). Images keep their own size.
+    c.bucket_min_images = ml_collections.FieldReference("auto", field_type=object)
     c.decode_threads = 4            # host threads decoding and preparing images ahead of the device
     c.write_threads = 4             # host threads writing outputs
     c.prefetch = 2                  # batches prepared ahead of the device
@@ -155,6 +166,9 @@ class LabelOptions:
     write_overlays: bool
     dtype: str
     matmul_precision: str
+    device_memory_gb: float = 0.0
+    memory_fraction: float = 0.8
+    bucket_min_images: int | str = tuning.AUTO
 
     def rules(self) -> Rules:
         _, row_labels = self.classes.prompt_rows()
@@ -165,7 +179,7 @@ class LabelOptions:
     def fingerprint(self) -> dict[str, Any]:
         """What makes two runs' labels comparable (written to ``<out>/label_settings.json``)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("classes", "amg", "gem", "write_overlays")}
+               if f.name not in ("classes", "amg", "gem", "write_overlays") + THROUGHPUT_FIELDS}
         out["classes"] = self.classes.to_json()
         out["amg"] = {f.name: getattr(self.amg, f.name) for f in dataclasses.fields(self.amg)
                       if f.name not in ("output_mode", "points_per_batch")}
@@ -182,6 +196,7 @@ class LabelOptions:
         check_choice("label.synonyms", c.synonyms, SYNONYMS)
         check_choice("label.dtype", c.dtype, DTYPES)
         check_choice("label.matmul_precision", c.matmul_precision, PRECISIONS)
+        check_choice("label.attention", c.attention, ATTENTION_CHOICES)
         check_choice("label.templates", c.templates, ("single", "imagenet80"))
         check_choice("label.split", c.split, ("unlabeled", "labeled", "both"))
         if c.no_class == "softmax":
@@ -195,8 +210,11 @@ class LabelOptions:
         check_range("label.bucket", c.bucket, 8, 4096)
         if c.letterbox and c.max_side and c.letterbox > c.max_side:
             raise ValueError(f"config field label.letterbox={c.letterbox}: larger than label.max_side={c.max_side}")
-        for name in ("images_per_device", "decoder_group", "mask_chunk"):
-            check_range(f"label.{name}", c[name], 0, 4096)
+        for name in tuning.FIELDS:
+            tuning.parse_size(f"label.{name}", c[name])
+        bucket_min_images = tuning.parse_size("label.bucket_min_images", c.get("bucket_min_images", tuning.AUTO))
+        check_range("label.device_memory_gb", c.get("device_memory_gb", 0.0), 0.0, None)
+        check_range("label.memory_fraction", c.get("memory_fraction", 0.8), 0.01, 1.0)
         for name in ("decode_threads", "write_threads", "prefetch"):
             check_range(f"label.{name}", c[name], 1, 256)
         check_range("label.report_images", c.report_images, 0, 10000)
@@ -231,4 +249,5 @@ class LabelOptions:
                    paint_order=c.paint_order, uncovered=c.uncovered, max_side=c.max_side, letterbox=c.letterbox,
                    bucket=c.bucket, write_confidence=bool(c.write_confidence),
                    write_segments=bool(c.write_segments), write_overlays=bool(c.write_overlays), dtype=c.dtype,
-                   matmul_precision=c.matmul_precision)
+                   matmul_precision=c.matmul_precision, device_memory_gb=float(c.get("device_memory_gb", 0.0)),
+                   memory_fraction=float(c.get("memory_fraction", 0.8)), bucket_min_images=bucket_min_images)

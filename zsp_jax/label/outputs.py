@@ -1,7 +1,8 @@
 """The labeller's output folder: per-image files, manifests, settings; every file written atomically.
 
 Layout of ``<out>`` (``relpath`` = ``zsp_jax.data.pseudo_labels.label_relpath(name)`` without
-its suffix, e.g. ``JPEGImages/2007_000033``):
+its suffix, e.g. ``JPEGImages/2007_000033``; images whose names differ only by extension keep it,
+``x.jpg`` -> ``x.jpg``, so that ``x.jpg`` and ``x.png`` each get their files):
 
     labels/<relpath>.png          palette PNG (VOC colours), 0 background, 1..N classes, 255 ignore;
                                   the trainer reads these (data.pseudo_labels)
@@ -34,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from zsp_jax.data.decode import encode_jpeg, encode_png
-from zsp_jax.data import pseudo_labels
 from zsp_jax.data.pseudo_labels import label_relpath
 from zsp_jax.data.synthetic import voc_palette
 from zsp_jax.utils import io
@@ -42,20 +42,19 @@ from zsp_jax.utils import io
 PALETTE = voc_palette()
 
 
-def label_path(out_dir: str, name: str) -> str:
-    """The label map of image ``name`` (what the trainer reads with ``data.pseudo_labels = <out>/labels``)."""
-    return pseudo_labels.label_path(os.path.join(out_dir, "labels"), name)
+def output_paths(out_dir: str, name: str, *, confidence: bool, segments: bool, overlays: bool,
+                 keep_extension: bool = False) -> dict[str, str]:
+    """Every file one image gets, by kind (``keep_extension`` for names in ``pseudo_labels.clashing_names``)."""
+    def path(folder: str, suffix: str) -> str:
+        return os.path.join(out_dir, folder, label_relpath(name, suffix, keep_extension=keep_extension))
 
-
-def output_paths(out_dir: str, name: str, *, confidence: bool, segments: bool, overlays: bool) -> dict[str, str]:
-    """Every file one image gets, by kind."""
-    paths = {"label": label_path(out_dir, name)}
+    paths = {"label": path("labels", ".png")}
     if confidence:
-        paths["confidence"] = os.path.join(out_dir, "confidence", label_relpath(name))
+        paths["confidence"] = path("confidence", ".png")
     if segments:
-        paths["segments"] = os.path.join(out_dir, "segments", label_relpath(name, ".json"))
+        paths["segments"] = path("segments", ".json")
     if overlays:
-        paths["overlay"] = os.path.join(out_dir, "overlays", label_relpath(name, ".jpg"))
+        paths["overlay"] = path("overlays", ".jpg")
     return paths
 
 
@@ -158,16 +157,36 @@ def check_settings(out_dir: str, settings: dict[str, Any], *, overwrite: bool = 
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ValueError(f"{out_dir} holds pseudo labels made with other settings (differences in: "
-                             f"{', '.join(diff)}); use another output folder, or pass --overwrite "
-                             "(label.overwrite) to start over there")
+            diff = settings_differences(old, settings)
+            shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+            raise ValueError(f"{out_dir} holds pseudo labels made with other settings ({shown}); use another output "
+                             "folder, the earlier settings, or --overwrite (label.overwrite) to start over there")
         return
     if overwrite and os.path.isdir(os.path.join(out_dir, "manifest")):
         import shutil
 
         shutil.rmtree(os.path.join(out_dir, "manifest"))
     io.write_json_atomic(path, settings)
+
+
+def settings_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``"options.threshold: 0.2 before, 0.25 now"`` for every leaf that differs between two settings dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                out.append(f"{name}: {'absent' if key not in old else repr(old[key])} before, "
+                           f"{'absent' if key not in new else repr(new[key])} now")
+            else:
+                out += settings_differences(old[key], new[key], name)
+        return out
+    if old == new:
+        return []
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return [f"{prefix}: {short(old)} before, {short(new)} now"]
 
 
 def write_classes(out_dir: str, classes: Any) -> None:

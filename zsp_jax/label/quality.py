@@ -163,13 +163,14 @@ def sweep_thresholds(items: Sequence[tuple[str, str, str]], thresholds: Sequence
 def evaluation_pairs(out_dir: str, entries: dict[str, dict[str, Any]], gt_of: dict[str, str], kind: str = "label"
                      ) -> list[tuple[str, str, str]]:
     """(name, output file, ground truth) for finished images that have ground truth."""
-    from zsp_jax.label import outputs as O
-
     pairs = []
     for name, gt in sorted(gt_of.items()):
         e = entries.get(name)
         if not e or e.get("status") != "ok" or not gt or not os.path.isfile(gt):
             continue
-        paths = O.output_paths(out_dir, name, confidence=False, segments=kind == "segments", overlays=False)
-        pairs.append((name, paths[kind], gt))
+        label = os.path.join(out_dir, e["label"])  # labels/<relpath>.png, as the job wrote it
+        if kind == "segments":
+            relpath = os.path.relpath(label, os.path.join(out_dir, "labels"))
+            label = os.path.join(out_dir, "segments", os.path.splitext(relpath)[0] + ".json")
+        pairs.append((name, label, gt))
     return pairs

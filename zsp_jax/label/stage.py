@@ -39,14 +39,16 @@ def labels_dir_of(config: ml_collections.ConfigDict) -> str:
 def work_items(config: ml_collections.ConfigDict) -> list[job.WorkItem]:
     """The images to label: a folder (recursive, EXIF applied) or the config's data split."""
     from zsp_jax.data import readers, splits
-    from zsp_jax.data.pseudo_labels import label_relpath
+    from zsp_jax.data.pseudo_labels import find_label
 
     c = config.label
     if c.images_dir:
-        examples = readers.folder_examples(c.images_dir)
+        path = os.path.abspath(os.path.expanduser(c.images_dir))
+        examples = ([readers.Example(os.path.basename(path), path, None)] if os.path.isfile(path)
+                    else readers.folder_examples(path))
         gt_dir = os.path.expanduser(c.gt_dir) if c.gt_dir else ""
         return [job.WorkItem(e.name, e.image, True,
-                             os.path.join(gt_dir, label_relpath(e.name)) if gt_dir else None) for e in examples]
+                             find_label(gt_dir, e.name) if gt_dir else None) for e in examples]
     d = config.data
     layout = readers.make_layout(d.dataset, os.path.expanduser(d.root))
     labeled, unlabeled = splits.load_split(layout, os.path.expanduser(d.splits_dir), d.split)
@@ -72,26 +74,122 @@ def enable_compilation_cache(path: str) -> None:
 
 
 def parse_thresholds(spec: str) -> list[float]:
-    """``"0.1:0.4:0.05"`` (start:stop:step, stop included) or ``"0.1,0.2"`` -> thresholds."""
+    """``"0.1:0.4:0.05"`` (start:stop:step, stop included) or ``"0.1,0.2"`` -> thresholds (at least one)."""
     import numpy as np
 
     spec = spec.strip()
+    where = f"config field label.sweep_thresholds={spec!r}"
     try:
         if ":" in spec:
-            a, b, step = (float(x) for x in spec.split(":"))
-            return [round(float(t), 6) for t in np.arange(a, b + step / 2, step)]
-        return [float(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"config field label.sweep_thresholds={spec!r}: expected start:stop:step or a,b,c") from None
+            start, stop, step = (float(x) for x in spec.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError(f"{where}: start:stop:step needs start <= stop and a step > 0")
+            values = [round(float(t), 6) for t in np.arange(start, stop + step / 2, step)]
+        else:
+            values = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError as e:
+        if str(e).startswith(where):
+            raise
+        raise ValueError(f"{where}: expected start:stop:step or a,b,c (numbers)") from None
+    if not values:
+        raise ValueError(f"{where}: gives no threshold")
+    return values
+
+
+GT_SAMPLE = 8  # ground-truth masks decoded before labelling starts (the format of a folder, not every file)
+
+
+def input_problems(config: ml_collections.ConfigDict, *, folder_only: bool = False) -> list[str]:
+    """Every problem with the label stage's inputs, found before any work, one line each naming the field:
+    the label settings and class list, the images, the ground truth (its format on a sample), the
+    threshold sweep, the output folder and the SAM / CLIP checkpoints (kind and variant, nothing
+    converted). ``preflight`` gathers these with the other stages' problems."""
+    from zsp_jax.data import decode
+    from zsp_jax.data.bad_input import BadInputError
+    from zsp_jax.data.pseudo_labels import find_label
+
+    c = config.label
+    problems: list[str] = []
+    try:
+        options = LabelOptions.from_config(c, load_classes(c.classes))
+    except ValueError as e:
+        problems.append(str(e) if str(e).startswith(("config field", "class file", "classes")) else f"label: {e}")
+        options = None
+    images = os.path.expanduser(c.images_dir) if c.images_dir else ""
+    if images and not os.path.exists(images):
+        problems.append(f"label.images_dir={c.images_dir!r}: no such folder or image file")
+    gt = os.path.expanduser(c.gt_dir) if c.gt_dir else ""
+    if gt and not os.path.isdir(gt):
+        problems.append(f"label.gt_dir={c.gt_dir!r}: no such folder (ground-truth masks at <gt_dir>/<image path "
+                        f"without extension>.png)")
+    elif gt and images and os.path.exists(images):
+        from zsp_jax.data import readers
+
+        names = ([os.path.basename(images)] if os.path.isfile(images)
+                 else [e.name for e in readers.folder_examples(images)])
+        found = [p for p in (find_label(gt, n) for n in names) if os.path.isfile(p)]
+        if not found:
+            problems.append(f"label.gt_dir={c.gt_dir!r}: holds no mask for any image (expected <gt_dir>/<image path "
+                            f"without extension>.png, e.g. {find_label(gt, names[0]) if names else '...'})")
+        for path in found[:GT_SAMPLE]:
+            try:
+                with open(path, "rb") as f:
+                    decode.decode_mask(f.read(), path)
+            except BadInputError as e:
+                problems.append(f"label.gt_dir={c.gt_dir!r}: {e.path}: {e.reason}")
+                break
+    if c.sweep_thresholds:
+        try:
+            parse_thresholds(c.sweep_thresholds)
+        except ValueError as e:
+            problems.append(str(e))
+        if images and not gt:
+            problems.append(f"label.sweep_thresholds={c.sweep_thresholds!r}: a threshold sweep is scored against "
+                            f"ground truth: give label.gt_dir (--gt) too")
+        if options is not None and options.no_class != "cosine":
+            problems.append(f"label.sweep_thresholds: needs label.no_class='cosine' (is {options.no_class!r})")
+    out = out_dir_of(config)
+    problem = io.writable_dir_problem(out)
+    if problem:
+        problems.append(f"label.out_dir={c.out_dir or out!r}: {problem}")
+    if not folder_only:
+        problems += checkpoint_problems(config)
+    return problems
+
+
+def checkpoint_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """The SAM and CLIP checkpoints' problems: missing, unreadable, another kind or variant (nothing converted)."""
+    c = config.label
+    problems = []
+    for what, describe, field, expected in (
+            ("SAM", lambda: checkpoints.describe_sam(c.sam_checkpoint), "label.sam_checkpoint",
+             c.get("sam_variant", "")),
+            ("CLIP", lambda: checkpoints.describe_clip(c.clip_checkpoint, c.clip_model_name), "label.clip_checkpoint",
+             c.get("clip_variant", ""))):
+        try:
+            found = describe()
+        except checkpoints.CheckpointError as e:
+            problems.append(f"{field}: {e}")
+            continue
+        if expected and found != expected:
+            key = field.replace("checkpoint", "variant")
+            problems.append(f"{field}={c[field.split('.')[1]]!r} holds {what} {found}, the config expects {expected} "
+                            f"(set --config.{key}={found} to use it anyway, or --config.{key}='' to accept any)")
+        if what == "SAM" and found == "custom" and not c.sam_allow_custom and not c.sam_checkpoint.endswith(
+                ".safetensors"):
+            problems.append(f"{field}={c.sam_checkpoint!r} is none of vit_b / vit_l / vit_h (truncated?); set "
+                            "--config.label.sam_allow_custom=True if it is a custom SAM")
+    return problems
 
 
 def build_labeller(config: ml_collections.ConfigDict, options: LabelOptions, out_dir: str) -> Labeller:
     c = config.label
     dtype = resolve_dtype(c.dtype)
     cache = os.path.join(out_dir, "checkpoints")
-    sam, _ = checkpoints.load_sam_checkpoint(c.sam_checkpoint, cache, dtype=dtype, allow_custom=c.sam_allow_custom)
+    sam, _ = checkpoints.load_sam_checkpoint(c.sam_checkpoint, cache, dtype=dtype, allow_custom=c.sam_allow_custom,
+                                             attention=c.attention)
     clip, tokenizer = checkpoints.load_clip_checkpoint(c.clip_checkpoint, cache, model_name=c.clip_model_name,
-                                                       dtype=dtype)
+                                                       dtype=dtype, attention=c.attention)
     return Labeller(sam, clip, tokenizer, options, images_per_device=c.images_per_device,
                     decoder_group=c.decoder_group, mask_chunk=c.mask_chunk, text_cache_dir=cache)
 
@@ -188,6 +286,13 @@ def finish(config: ml_collections.ConfigDict, options: LabelOptions, out_dir: st
     if c.report_images:
         result["report"] = report.write_report(out_dir, options.classes, entries, gt_of, n_images=c.report_images,
                                                quality=quality_result, summary=result)
+    capped = [e for e in entries.values() if any("max_masks" in w for w in e.get("warnings") or ())]
+    result["images_over_max_masks"] = len(capped)
+    if capped:
+        most = max(capped, key=lambda e: e.get("segments", 0))
+        log(f"{len(capped)} of {len(entries)} images had more than label.amg.max_masks={options.amg.max_masks} "
+            f"segments survive the filters; the best {options.amg.max_masks} were kept (e.g. {most['name']}). "
+            f"Raise --config.label.amg.max_masks to keep more (the manifest lists the images)")
     io.write_json_atomic(os.path.join(out_dir, "summary.json"), result)
     log(f"pseudo labels: {result['labelled_total']} of {len(items)} images in {result['labels_dir']} "
         f"({mine['labelled']} this run, {mine['done_before']} before, {result['failed_total']} could not be read: "

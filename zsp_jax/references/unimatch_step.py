@@ -42,14 +42,15 @@ def set_poly_lr(optimizer: torch.optim.SGD, base_lr: float, lr_multi: float, ite
 def step(model: nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[str, Any], *,
          fp_masks: tuple[torch.Tensor, torch.Tensor], conf_thresh: float = 0.95, mode: str = "unimatch",
          label_smoothing: float = 0.1, weights: tuple[float, float, float] = (0.25, 0.25, 0.5),
-         timings: dict[str, float] | None = None) -> dict[str, Any]:
+         gpus: int = 1, timings: dict[str, float] | None = None) -> dict[str, Any]:
     """One UniMatch (or zsp) iteration; returns the loss terms (tensors) and the mask ratio.
 
     ``batch``: ``img_x`` (B, 3, S, S), ``mask_x`` (B, S, S) long; ``img_u_w``, ``img_u_s1``,
     ``img_u_s2`` and the ``*_mix`` versions; ``ignore_mask``, ``ignore_mask_mix`` (B, S, S) long
     (255 = padding); ``cutmix_box1``, ``cutmix_box2`` (B, S, S) 0/1; for ``mode="zsp"``
     ``label_u`` and ``label_u_mix`` (B, S, S) long (255 = ignore). With ``optimizer`` None no
-    update is made (the gradients stay in ``.grad``). ``timings``, if given, receives the seconds of
+    update is made (the gradients stay in ``.grad``). ``gpus``: the losses of a run on that many GPUs
+    (each takes an equal share of every batch; the step's ``loss_groups``). ``timings``, if given, receives the seconds of
     ``forward`` (everything up to the loss), ``backward`` and ``optimizer`` (benchmarks).
     """
     t0 = time.perf_counter()
@@ -98,26 +99,38 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[
     conf_u_w_cutmixed2[cutmix_box2 == 1] = conf_u_w_mix[cutmix_box2 == 1]
     ignore_mask_cutmixed2[cutmix_box2 == 1] = ignore_mask_mix[cutmix_box2 == 1]
 
-    loss_x = criterion_l(pred_x, mask_x)
+    def gpu_loss(g: int) -> tuple[torch.Tensor, ...]:
+        """The losses as GPU ``g`` of ``gpus`` computes them from its own share of the batch (SyncBN made
+        the forward global; each GPU normalises by its own pixel counts; DDP averages the gradients)."""
+        part = lambda t: t.chunk(gpus)[g]  # noqa: E731
+        loss_x = criterion_l(part(pred_x), part(mask_x))
+        if mode == "zsp":
+            criterion_u = nn.CrossEntropyLoss(reduction="none", ignore_index=255, label_smoothing=label_smoothing)
+            keep1 = (part(mask_u_w_cutmixed1) != 255) & (part(ignore_mask_cutmixed1) != 255)
+            keep2 = (part(mask_u_w_cutmixed2) != 255) & (part(ignore_mask_cutmixed2) != 255)
+            keep_w = (part(mask_u_w) != 255) & (part(ignore_mask) != 255)
+        else:
+            criterion_u = nn.CrossEntropyLoss(reduction="none")
+            keep1 = (part(conf_u_w_cutmixed1) >= conf_thresh) & (part(ignore_mask_cutmixed1) != 255)
+            keep2 = (part(conf_u_w_cutmixed2) >= conf_thresh) & (part(ignore_mask_cutmixed2) != 255)
+            keep_w = (part(conf_u_w) >= conf_thresh) & (part(ignore_mask) != 255)
+
+        loss_u_s1 = criterion_u(part(pred_u_s1), part(mask_u_w_cutmixed1))
+        loss_u_s1 = (loss_u_s1 * keep1).sum() / (part(ignore_mask_cutmixed1) != 255).sum().item()
+        loss_u_s2 = criterion_u(part(pred_u_s2), part(mask_u_w_cutmixed2))
+        loss_u_s2 = (loss_u_s2 * keep2).sum() / (part(ignore_mask_cutmixed2) != 255).sum().item()
+        loss_u_w_fp = criterion_u(part(pred_u_w_fp), part(mask_u_w))
+        loss_u_w_fp = (loss_u_w_fp * keep_w).sum() / (part(ignore_mask) != 255).sum().item()
+        w1, w2, wfp = weights
+        loss = (loss_x + loss_u_s1 * w1 + loss_u_s2 * w2 + loss_u_w_fp * wfp) / 2.0
+        return loss, loss_x, loss_u_s1, loss_u_s2, loss_u_w_fp
+
+    per_gpu = [gpu_loss(g) for g in range(gpus)]
+    loss, loss_x, loss_u_s1, loss_u_s2, loss_u_w_fp = (sum(terms) / gpus for terms in zip(*per_gpu))
     if mode == "zsp":
-        criterion_u = nn.CrossEntropyLoss(reduction="none", ignore_index=255, label_smoothing=label_smoothing)
-        keep1 = (mask_u_w_cutmixed1 != 255) & (ignore_mask_cutmixed1 != 255)
-        keep2 = (mask_u_w_cutmixed2 != 255) & (ignore_mask_cutmixed2 != 255)
         keep_w = (mask_u_w != 255) & (ignore_mask != 255)
     else:
-        criterion_u = nn.CrossEntropyLoss(reduction="none")
-        keep1 = (conf_u_w_cutmixed1 >= conf_thresh) & (ignore_mask_cutmixed1 != 255)
-        keep2 = (conf_u_w_cutmixed2 >= conf_thresh) & (ignore_mask_cutmixed2 != 255)
         keep_w = (conf_u_w >= conf_thresh) & (ignore_mask != 255)
-
-    loss_u_s1 = criterion_u(pred_u_s1, mask_u_w_cutmixed1)
-    loss_u_s1 = (loss_u_s1 * keep1).sum() / (ignore_mask_cutmixed1 != 255).sum().item()
-    loss_u_s2 = criterion_u(pred_u_s2, mask_u_w_cutmixed2)
-    loss_u_s2 = (loss_u_s2 * keep2).sum() / (ignore_mask_cutmixed2 != 255).sum().item()
-    loss_u_w_fp = criterion_u(pred_u_w_fp, mask_u_w)
-    loss_u_w_fp = (loss_u_w_fp * keep_w).sum() / (ignore_mask != 255).sum().item()
-    w1, w2, wfp = weights
-    loss = (loss_x + loss_u_s1 * w1 + loss_u_s2 * w2 + loss_u_w_fp * wfp) / 2.0
 
     if optimizer is not None:
         optimizer.zero_grad()

@@ -18,7 +18,8 @@ PRECISIONS = ("default", "high", "highest")
 def step_options(config: ml_collections.ConfigDict) -> step.StepOptions:
     t = config.train
     return step.StepOptions(mode=t.mode, conf_thresh=t.conf_thresh, stream_weights=tuple(t.stream_weights),
-                            label_smoothing=t.label_smoothing, enhanced=t.enhanced, fusion_thresh=t.fusion_thresh)
+                            label_smoothing=t.label_smoothing, enhanced=t.enhanced, fusion_thresh=t.fusion_thresh,
+                            loss_groups=t.get("loss_groups", 1))
 
 
 def validate_for_eval(config: ml_collections.ConfigDict) -> None:
@@ -53,6 +54,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_range("train.max_steps", t.max_steps, 0, None)
     check_range("train.log_every", t.log_every, 1, None)
     check_range("train.fsdp", t.fsdp, 1, None)
+    check_range("train.loss_groups", t.get("loss_groups", 1), 1, None)
+    if t.batch_size % t.get("loss_groups", 1):
+        raise ValueError(f"config field train.loss_groups={t.get('loss_groups')}: train.batch_size={t.batch_size} "
+                         f"does not split into that many equal groups")
     check_range("train.num_devices", t.num_devices, 0, None)
     check_range("eval.every_epochs", e.every_epochs, 0, None)
     check_range("eval.every_steps", e.every_steps, 0, None)

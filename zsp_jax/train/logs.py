@@ -7,8 +7,9 @@ Only process 0 writes (``RunLog(enabled=False)`` elsewhere). Files in the work d
   IoU, pixel accuracy). Appended and flushed as they come, so a killed run keeps its history;
   a resumed run first drops the lines past the step it resumes from.
 * ``tensorboard/``: event files (``zsp_jax.train.events``, no TensorFlow): ``train/<metric>`` and
-  ``eval/miou``, ``eval/pixel_accuracy``, ``eval/iou/<class>``; a resumed run's file tells
-  TensorBoard to drop the killed run's events past the resume step.
+  ``eval/miou``, ``eval/pixel_accuracy``, ``eval/iou/<class>``; each session's file tells
+  TensorBoard to drop earlier sessions' events past the step it resumes from (from step 1 when
+  a run was killed before its first checkpoint).
 * ``plots/loss.png`` and ``plots/miou.png`` (matplotlib, Agg), redrawn after every evaluation
   and at the end.
 """
@@ -69,7 +70,9 @@ class RunLog:
             os.makedirs(workdir, exist_ok=True)
             truncate_jsonl(self.train_path, resume_step)
             truncate_jsonl(self.eval_path, resume_step)
-            self._writer = events.EventWriter(self.tb_dir, purge_step=resume_step + 1 if resume_step else None)
+            # Always from the first step this session writes: a run killed before its first checkpoint
+            # resumes at step 0 and must still hide the killed session's events.
+            self._writer = events.EventWriter(self.tb_dir, purge_step=resume_step + 1)
 
     def _append(self, path: str, record: dict[str, Any]) -> None:
         with open(path, "a") as f:

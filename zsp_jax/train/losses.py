@@ -11,6 +11,12 @@
 
 Logits are (B, H, W, C) fp32 (the model returns fp32 logits even in bf16 compute); targets
 int32 (B, H, W) with 255 = ignore.
+
+``groups`` (both normalisers): the batch is cut into ``groups`` equal parts along its first axis,
+each part normalised by its own count, and the parts' losses averaged. That is what a multi-GPU
+UniMatch run computes: each GPU normalises its own images' loss by its own pixel counts, and DDP
+averages the gradients (``train.loss_groups`` = the reference's GPU count). ``groups=1`` normalises
+over the whole batch.
 """
 
 from __future__ import annotations
@@ -41,12 +47,23 @@ def cross_entropy(logits: jax.Array, target: jax.Array, *, label_smoothing: floa
     return (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
 
 
-def mean_over_valid(loss: jax.Array, target: jax.Array, ignore: int = IGNORE) -> jax.Array:
-    """Mean of a per-pixel loss over pixels whose target is not ``ignore`` (0 if there are none)."""
-    valid = (target != ignore).astype(loss.dtype)
-    return jnp.sum(loss * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+def _grouped(x: jax.Array, groups: int) -> jax.Array:
+    """(B, ...) -> (groups, B // groups * prod(...)): each group's values in one row."""
+    if x.shape[0] % groups:
+        raise ValueError(f"config field train.loss_groups={groups}: the batch of {x.shape[0]} does not split into "
+                         f"{groups} equal groups")
+    return x.reshape(groups, -1)
 
 
-def masked_sum_over(loss: jax.Array, mask: jax.Array, normaliser: jax.Array) -> jax.Array:
-    """``sum(loss * mask) / count(normaliser)`` (both masks bool, loss's shape; 0 if the count is 0)."""
-    return jnp.sum(loss * mask.astype(loss.dtype)) / jnp.maximum(jnp.sum(normaliser.astype(loss.dtype)), 1.0)
+def mean_over_valid(loss: jax.Array, target: jax.Array, ignore: int = IGNORE, *, groups: int = 1) -> jax.Array:
+    """Mean of a per-pixel loss over pixels whose target is not ``ignore`` (0 if there are none), per group."""
+    valid = _grouped((target != ignore).astype(loss.dtype), groups)
+    per_group = jnp.sum(_grouped(loss, groups) * valid, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1.0)
+    return jnp.mean(per_group)
+
+
+def masked_sum_over(loss: jax.Array, mask: jax.Array, normaliser: jax.Array, *, groups: int = 1) -> jax.Array:
+    """``sum(loss * mask) / count(normaliser)`` per group (both masks bool, loss's shape; 0 if a count is 0)."""
+    kept = _grouped(loss * mask.astype(loss.dtype), groups)
+    counts = jnp.sum(_grouped(normaliser.astype(loss.dtype), groups), axis=1)
+    return jnp.mean(jnp.sum(kept, axis=1) / jnp.maximum(counts, 1.0))

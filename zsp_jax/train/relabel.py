@@ -34,7 +34,9 @@ import tqdm
 from zsp_jax.data import decode, pseudo_labels
 from zsp_jax.data import stage as data_stage
 from zsp_jax.data.synthetic import voc_palette
+from zsp_jax.train import checkpoint_eval, evaluation, loop
 from zsp_jax.train import state as state_lib
+from zsp_jax.train.setup import setup_model
 from zsp_jax.utils import io
 from zsp_jax.utils.sharding import barrier
 
@@ -88,7 +90,7 @@ class _Subset:
 def relabel(config: ml_collections.ConfigDict, checkpoint: str, out_dir: str) -> dict[str, Any]:
     """Writes the enhanced map of every unlabelled image of ``config``'s split into ``out_dir``.
 
-    ``checkpoint`` is a run's checkpoint directory (as ``stage.evaluate`` takes). Maps already in
+    ``checkpoint`` is a run's checkpoint directory (as ``checkpoint_eval.evaluate`` takes). Maps already in
     ``out_dir`` are kept (a killed relabelling resumes). Returns (and writes to
     ``<out_dir>/relabel.json``) counts.
 
@@ -96,8 +98,6 @@ def relabel(config: ml_collections.ConfigDict, checkpoint: str, out_dir: str) ->
     them; each writes its share of the maps (``out_dir`` on a filesystem they share) and all wait
     for each other before returning, so the next run finds every map.
     """
-    from zsp_jax.train import evaluation, stage
-
     report_path = os.path.join(out_dir, REPORT)
     if os.path.isfile(report_path):
         with open(report_path) as f:
@@ -106,13 +106,15 @@ def relabel(config: ml_collections.ConfigDict, checkpoint: str, out_dir: str) ->
     srcs = data_stage.training_sources(config, pseudo_labels="")
     examples = srcs.unlabeled_examples
     workdir = os.path.abspath(os.path.expanduser(config.workdir))
-    setup = stage.setup_model(config, workdir)
-    params, stats, description = stage.load_weights(config, setup, checkpoint)
+    setup = setup_model(config, workdir)
+    params, stats, description = checkpoint_eval.load_weights(config, setup, checkpoint)
     params, stats = state_lib.place((params, stats), state_lib.state_shardings((params, stats), setup.placement.mesh))
     # The same list in every process: no process writes a map before all have started predicting (the
     # predictions are collective), so all see the same files here.
-    todo = [i for i, e in enumerate(examples)
-            if not os.path.isfile(os.path.join(out_dir, pseudo_labels.label_relpath(e.name)))]
+    keep_extension = pseudo_labels.clashing_names(e.name for e in examples)
+    map_paths = [os.path.join(out_dir, pseudo_labels.label_relpath(e.name, keep_extension=e.name in keep_extension))
+                 for e in examples]
+    todo = [i for i in range(len(examples)) if not os.path.isfile(map_paths[i])]
     exif = srcs.exif_unlabeled
     sizes = [decode.image_size(examples[i].image, exif=exif) for i in todo]
     predictor = evaluation.Predictor(setup.graphdef, _Subset(srcs.unlabeled, todo), sizes, setup.placement,
@@ -137,8 +139,7 @@ def relabel(config: ml_collections.ConfigDict, checkpoint: str, out_dir: str) ->
         changed += n  # every process counts every image: the report is complete whichever writes it
         segments += len(zero_shot)
         if k % jax.process_count() == jax.process_index():  # each process writes its share
-            io.write_bytes_atomic(os.path.join(out_dir, pseudo_labels.label_relpath(ex.name)),
-                                  decode.encode_png(new, palette))
+            io.write_bytes_atomic(map_paths[todo[k]], decode.encode_png(new, palette))
     bar.close()
     barrier("zsp_relabel_maps")
     report = {"checkpoint": description, "images": len(examples), "relabelled_now": len(todo),
@@ -150,7 +151,7 @@ def relabel(config: ml_collections.ConfigDict, checkpoint: str, out_dir: str) ->
     return report
 
 
-def _with(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+def _replaced(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
     """A copy of ``config`` with dotted fields replaced (``train.mode="unimatch"``)."""
     out = copy.deepcopy(config)
     with out.unlocked():
@@ -163,21 +164,19 @@ def _with(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.Co
 def run_two_stage(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Option C end to end (see the module docstring); returns the final run's summary with a
     ``relabel`` entry (the first run's summary and the relabelling counts)."""
-    from zsp_jax.train import stage
-
     pseudo_labels.find_segments_dir(config.data.pseudo_labels, config.data.pseudo_label_segments)  # fail early
     workdir = os.path.abspath(os.path.expanduser(config.workdir))
-    first = _with(config, **{"workdir": os.path.join(workdir, STAGE1_DIR), "train.mode": config.train.relabel_first_mode,
+    first = _replaced(config, **{"workdir": os.path.join(workdir, STAGE1_DIR), "train.mode": config.train.relabel_first_mode,
                              "train.enhanced": "fixed"})
     tqdm.tqdm.write(f"relabel: first run ({config.train.relabel_first_mode}) in {first.workdir}")
-    first_summary = stage.train(first)
+    first_summary = loop.train(first)
     checkpoint = first_summary.get("best_checkpoint") or first_summary.get("latest_checkpoint")
     labels_dir = os.path.join(workdir, LABELS_DIR)
     report = relabel(first, checkpoint, labels_dir)
     tqdm.tqdm.write(f"relabel: {report['segments_changed']} of {report['segments']} segments changed class; "
                     f"maps in {labels_dir}")
-    final = _with(config, **{"data.pseudo_labels": labels_dir, "train.enhanced": "fixed"})
-    summary = stage.train(final)
+    final = _replaced(config, **{"data.pseudo_labels": labels_dir, "train.enhanced": "fixed"})
+    summary = loop.train(final)
     summary["enhanced"] = "relabel"
     summary["relabel"] = {"first_run": first_summary, "enhanced_labels": labels_dir, **report}
     return summary

@@ -74,6 +74,8 @@ class StepOptions:
       label_smoothing: eps of the label-smoothed CE of the ``zsp`` perturbed streams.
       enhanced: ``fixed``, ``fusion`` or ``relabel`` (``zsp`` only; ``relabel`` trains as ``fixed``).
       fusion_thresh: confidence at which the model's prediction overrides / fills Y0 (``fusion``).
+      loss_groups: each loss is normalised within this many equal groups of the batch and the groups'
+        losses averaged (a multi-GPU UniMatch run: its GPU count; 1 = over the whole batch).
     """
 
     mode: str = "unimatch"
@@ -82,6 +84,7 @@ class StepOptions:
     label_smoothing: float = 0.1
     enhanced: str = "fixed"
     fusion_thresh: float = 0.95
+    loss_groups: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -152,7 +155,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, options: StepOptions) -> Callable[..., 
     def supervised(params: Any, stats: Any, batch: dict[str, Any], fp_key: jax.Array) -> tuple[jax.Array, Any]:
         lab = batch["labeled"]
         logits, stats = forward(params, stats, lab["image"], train=True)
-        loss_x = losses.mean_over_valid(losses.cross_entropy(logits, lab["mask"]), lab["mask"])
+        loss_x = losses.mean_over_valid(losses.cross_entropy(logits, lab["mask"]), lab["mask"], groups=o.loss_groups)
         return loss_x, ({"loss": loss_x, "loss_x": loss_x}, stats)
 
     def semi(params: Any, stats: Any, batch: dict[str, Any], fp_key: jax.Array) -> tuple[jax.Array, Any]:
@@ -174,7 +177,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, options: StepOptions) -> Callable[..., 
 
         ign, ign_mix = unl["ignore_mask"], mix["ignore_mask"]
         ign1, ign2 = cutmix_targets(box1, (ign, ign_mix))[0], cutmix_targets(box2, (ign, ign_mix))[0]
-        loss_x = losses.mean_over_valid(losses.cross_entropy(logits_x, lab["mask"]), lab["mask"])
+        loss_x = losses.mean_over_valid(losses.cross_entropy(logits_x, lab["mask"]), lab["mask"], groups=o.loss_groups)
         metrics: dict[str, jax.Array] = {}
         if o.mode == "unimatch":
             target1, conf1 = cutmix_targets(box1, (pred_w, pred_mix), (conf_w, conf_mix))
@@ -201,11 +204,11 @@ def make_loss_fn(graphdef: nnx.GraphDef, options: StepOptions) -> Callable[..., 
             counted_w = (target_w != IGNORE) & (ign != IGNORE)
             smoothing = o.label_smoothing
         loss_s1 = losses.masked_sum_over(losses.cross_entropy(logits_s1, target1, label_smoothing=smoothing),
-                                         counted1, ign1 != IGNORE)
+                                         counted1, ign1 != IGNORE, groups=o.loss_groups)
         loss_s2 = losses.masked_sum_over(losses.cross_entropy(logits_s2, target2, label_smoothing=smoothing),
-                                         counted2, ign2 != IGNORE)
+                                         counted2, ign2 != IGNORE, groups=o.loss_groups)
         loss_fp = losses.masked_sum_over(losses.cross_entropy(logits_fp, target_w, label_smoothing=smoothing),
-                                         counted_w, ign != IGNORE)
+                                         counted_w, ign != IGNORE, groups=o.loss_groups)
         loss = (loss_x + w1 * loss_s1 + w2 * loss_s2 + wfp * loss_fp) / 2.0
         # UniMatch's logged mask ratio: counted weak-view pixels over non-padding pixels.
         mask_ratio = jnp.sum(counted_w) / jnp.maximum(jnp.sum(ign != IGNORE), 1)

@@ -53,3 +53,32 @@ def output_path_problem(source: str | os.PathLike, out: str | os.PathLike) -> st
     if os.path.isdir(out):
         return f"the output {out} is a directory; give a file path ending in .safetensors"
     return None
+
+
+def writable_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why files cannot be written in the directory ``path`` (created if missing), or None.
+
+    Checked by writing and removing a small file: permissions, read-only file systems and a full
+    disk all show up, before any long work starts."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is a file, not a directory"
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        try:
+            os.write(fd, b"x" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        return f"cannot write in {path}: {e.strerror or e}"
+    return None
+
+
+def output_file_problem(path: str | os.PathLike) -> str | None:
+    """Why a result file cannot be written at ``path`` (a directory there, or its folder not writable), or None."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.isdir(path):
+        return f"{path} is a directory; give a file path"
+    return writable_dir_problem(os.path.dirname(path))

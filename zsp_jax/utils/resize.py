@@ -3,7 +3,13 @@
 * ``resize_bilinear_align_corners``: ``F.interpolate(mode="bilinear", align_corners=True)`` on NHWC
   arrays (DeepLabV3+'s decoder and output, UniMatch V2's DPT head);
 * ``bicubic_matrix`` / ``antialias_bicubic_matrix``: torch's bicubic with and without antialiasing
-  (= PIL's BICUBIC), used as below.
+  (= PIL's BICUBIC), used as below;
+* ``bicubic_scale_factor_matrix``: torch's bicubic called with ``scale_factor=`` instead of ``size=``
+  (output length and coordinate rule differ), DINOv2's positional-embedding resize;
+* ``bilinear_taps`` / ``bilinear_taps_np``: the two taps and weights of torch's bilinear
+  (``align_corners=False``) per output pixel, with traced or static lengths (SAM's mask
+  upsampling in ``zsp_jax.amg.upsample``, the labeller's feature pooling);
+* ``resize_nearest``: PIL's nearest-neighbour resize of label maps and masks (host).
 
 Two places need a bicubic resize equal to the PyTorch reference to ~1e-7:
 
@@ -80,6 +86,65 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return m
 
 
+def scale_factor_output_size(in_size: int, scale_factor: float) -> int:
+    """The output length torch gives ``F.interpolate(..., scale_factor=s)``: floor(in_size * s) in float64.
+
+    (DINOv2 adds 0.1 to its target grid before dividing, because e.g. 37 * (39 / 37) rounds to
+    38.99999..., which floors to 38.)
+    """
+    return math.floor(float(in_size) * float(scale_factor))
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_scale_factor_matrix(in_size: int, scale_factor: float, *, antialias: bool = False) -> np.ndarray:
+    """(out, in_size) float64 weights of ``F.interpolate(scale_factor=s, mode="bicubic", align_corners=False)``.
+
+    When given a scale factor (and ``recompute_scale_factor`` left unset) torch does not map
+    output to input coordinates with ``in / out`` (what ``bicubic_matrix`` uses, the ``size=``
+    call) but with ``1 / s``: output ``i`` samples input position ``(i + 0.5) / s - 0.5``. The
+    output length is ``scale_factor_output_size(in_size, s)``. The two calls differ whenever
+    ``in * s`` is not an integer, e.g. DINOv2's ``s = (grid + 0.1) / 37``.
+
+    Args:
+      in_size: input length (>= 1).
+      scale_factor: s > 0, as passed to ``F.interpolate`` (a Python float, i.e. float64).
+      antialias: False: torch's plain bicubic (a=-0.75 cubic, four taps, edge replication, no
+        renormalisation), as ``bicubic_matrix``. True: the antialiased kernel (a=-0.5 cubic
+        whose support widens by ``1 / s`` when shrinking, taps outside the input dropped and the
+        rest renormalised), as ``antialias_bicubic_matrix``; torch's antialiased kernel skips an
+        axis whose output length equals its input length, so that case is the identity.
+
+    Returns:
+      (out, in_size) float64; ``out @ x`` resamples a length-``in_size`` signal along axis 0.
+    """
+    out_size = scale_factor_output_size(in_size, scale_factor)
+    if out_size < 1:
+        raise ValueError(f"scale_factor {scale_factor} gives an empty output for input length {in_size}")
+    inv_scale = 1.0 / float(scale_factor)  # torch: area_pixel_compute_scale with a given scale
+    m = np.zeros((out_size, in_size), np.float64)
+    if antialias:
+        if out_size == in_size:
+            return np.eye(in_size)
+        support = 2.0 * inv_scale if inv_scale >= 1.0 else 2.0
+        stretch = 1.0 / inv_scale if inv_scale >= 1.0 else 1.0
+        for i in range(out_size):
+            center = inv_scale * (i + 0.5)
+            lo = max(int(center - support + 0.5), 0)  # int() truncates toward zero, as in C
+            hi = min(int(center + support + 0.5), in_size)
+            taps = np.arange(lo, hi)
+            w = _cubic((taps - center + 0.5) * stretch, -0.5)
+            total = w.sum()
+            m[i, lo:hi] = w / total if total != 0 else w
+        return m
+    for i in range(out_size):
+        src = inv_scale * (i + 0.5) - 0.5
+        x0 = math.floor(src)
+        t = src - x0
+        for k in range(-1, 3):
+            m[i, min(max(x0 + k, 0), in_size - 1)] += _cubic(np.asarray(t - k), -0.75)
+    return m
+
+
 def resize_matrix(in_size: int, out_size: int, *, antialias: bool) -> np.ndarray:
     """The (out_size, in_size) float64 matrix of one axis of torch's bicubic resize."""
     if in_size == out_size:
@@ -142,3 +207,57 @@ def resize_bilinear_align_corners(x: Array, size: tuple[int, int]) -> Array:
         return jnp.einsum("pw,bowc->bopc", mw, y)
     y = jnp.einsum("pw,bhwc->bhpc", mw, x)
     return jnp.einsum("oh,bhpc->bopc", mh, y)
+
+
+def bilinear_taps_np(in_len: int, out_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Static taps of torch's ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis.
+
+    Output pixel ``i`` reads inputs ``i0[i]`` and ``i1[i]`` with weights ``w0[i]`` and ``w1[i]``,
+    computed in float32 as torch's CPU kernel does: ``src = max(scale * (i + 0.5) - 0.5, 0)`` with
+    ``scale = in_len / out_len``, ``i0 = floor(src)``, the right neighbour clamped at the edge.
+
+    Returns:
+      (i0, i1) (out_len,) int32 and (w0, w1) (out_len,) float32.
+    """
+    scale = np.float32(in_len) / np.float32(out_len)
+    dst = np.arange(out_len, dtype=np.float32)
+    src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    i0 = src.astype(np.int32)
+    i1 = i0 + (i0 < in_len - 1).astype(np.int32)
+    w1 = (src - i0).astype(np.float32)
+    return i0, i1, (np.float32(1) - w1).astype(np.float32), w1
+
+
+def bilinear_taps(in_len: Array, out_len: Array, n_out: int) -> tuple[Array, Array, Array, Array]:
+    """``bilinear_taps_np`` with traced lengths (one compiled program for many sizes), jittable.
+
+    Args:
+      in_len, out_len: () int32 input and output lengths of the resize.
+      n_out: static number of output positions to compute (0..n_out-1; positions at or beyond
+        ``out_len`` continue the same formula and are the caller's to mask).
+
+    Returns:
+      (i0, i1) (n_out,) int32 (clamped into the input) and (w0, w1) (n_out,) float32.
+    """
+    scale = in_len.astype(jnp.float32) / out_len.astype(jnp.float32)
+    dst = jnp.arange(n_out, dtype=jnp.float32)
+    src = jnp.maximum(scale * (dst + 0.5) - 0.5, 0.0)
+    i0 = src.astype(jnp.int32)
+    i0 = jnp.minimum(i0, jnp.maximum(in_len - 1, 0))
+    i1 = i0 + (i0 < in_len - 1).astype(jnp.int32)
+    w1 = src - i0.astype(jnp.float32)
+    return i0, i1, 1.0 - w1, w1
+
+
+def resize_nearest(array: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """PIL's nearest-neighbour resize of a label-like (H, W) or (H, W, C) uint8 array to ``hw`` (host).
+
+    PIL's NEAREST picks source pixel ``floor((i + 0.5) * in / out)``, which is what every label
+    map, confidence map and mask of the labeller is resized with (their values are classes or
+    scores, never interpolated). Returns ``array`` itself when it already has the size.
+    """
+    from PIL import Image
+
+    if array.shape[:2] == tuple(hw):
+        return array
+    return np.asarray(Image.fromarray(np.ascontiguousarray(array)).resize((int(hw[1]), int(hw[0])), Image.NEAREST))

@@ -261,9 +261,19 @@ def load_torch_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> Any:
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         if mmap and "mmap" in str(e):
             return load_torch_checkpoint(path, mmap=False)  # legacy (non-zip) format
+        # torch's own message for a file that is not plain tensors runs over many lines of advice about
+        # weights_only; its first line says what was found.
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        if "weights_only" in str(e):
+            import re
+
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = f"an object of type {found.group(1)}" if found else "objects other than tensors"
+            raise ConversionError(f"{path}: holds {what}, which torch does not load safely (weights_only=True); "
+                                  f"is it a model checkpoint? (a state_dict of tensors is)") from e
         raise ConversionError(
             f"{path}: not a readable PyTorch checkpoint (truncated or not a torch.save file?): "
-            f"{type(e).__name__}: {e}") from e
+            f"{type(e).__name__}: {first[:300]}") from e
 
 
 def unwrap_state_dict(obj: Any, *, path: str, nested_keys: Sequence[str] = ("state_dict", "model"),

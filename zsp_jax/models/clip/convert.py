@@ -21,7 +21,8 @@ wrong. ``vision_head_width=`` (or an open_clip model-config JSON as ``model_name
 any other model. The activation
 defaults to ``quick_gelu`` for OpenAI files; for open_clip it is taken from the model name when
 one is given (``ViT-B-16-quickgelu`` or pretrained tag ``openai`` -> quick_gelu; ``ViT-B-16`` ->
-gelu), and otherwise defaults to open_clip's ``gelu``; ``act=`` overrides both.
+gelu; a model-config JSON's ``quick_gelu``); an open_clip state_dict without a model name is
+refused (nothing in its tensors tells the two apart); ``act=`` overrides every rule.
 """
 
 from __future__ import annotations
@@ -251,6 +252,9 @@ def act_from_open_clip_name(model_name: str | None) -> str:
     """
     if not model_name:
         return "gelu"
+    if model_name.endswith(".json") and os.path.isfile(model_name):  # an open_clip model-config file
+        with open(model_name) as f:
+            return "quick_gelu" if json.load(f).get("quick_gelu") else "gelu"
     name = model_name.lower()
     return "quick_gelu" if ("quickgelu" in name or "openai" in name) else "gelu"
 
@@ -409,8 +413,9 @@ class ConvertedClip:
     source_format: str
     source: str
 
-    def build(self, *, dtype: Any = jnp.float32, param_dtype: Any = None) -> ClipModel:
-        return build_clip(self.config, self.weights, source_name=self.source, dtype=dtype, param_dtype=param_dtype)
+    def build(self, *, dtype: Any = jnp.float32, param_dtype: Any = None, attention: str = "auto") -> ClipModel:
+        return build_clip(self.config, self.weights, source_name=self.source, dtype=dtype, param_dtype=param_dtype,
+                          attention=attention)
 
     def save(self, path: str | os.PathLike) -> None:
         save_clip(path, self)
@@ -441,6 +446,14 @@ def convert_state_dict(sd: Mapping[str, Any], fmt: str, *, act: str | None = Non
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     weights = W.convert_state_dict(sd, rules, expected_shapes(config), source_name=source_name, drop=drop)
+    if fmt == "open_clip" and act is None and not model_name:
+        # Nothing in an open_clip state_dict tells QuickGELU (OpenAI's weights) from GELU (open_clip's own):
+        # a guess would give silently wrong features. (Checked after the tensors, whose errors come first.)
+        raise W.ConversionError(
+            f"{source_name}: an open_clip state_dict does not record its activation; give the open_clip model "
+            f"name (--clip_model_name, config label.clip_model_name, or --model-name of tools/convert_clip.py), "
+            f"e.g. ViT-B-16-quickgelu for OpenAI's weights (QuickGELU) or ViT-B-16 for open_clip's LAION / "
+            f"DataComp weights (GELU)")
     return ConvertedClip(config, weights, fmt, source_name)
 
 
@@ -490,19 +503,20 @@ def save_clip(path: str | os.PathLike, converted: ConvertedClip) -> None:
 
 
 def build_clip(config: ClipConfig, weights: Mapping[str, np.ndarray], *, source_name: str,
-               dtype: Any = jnp.float32, param_dtype: Any = None) -> ClipModel:
+               dtype: Any = jnp.float32, param_dtype: Any = None, attention: str = "auto") -> ClipModel:
     """A ClipModel with ``weights`` loaded, without running random initialisers.
 
     ``dtype`` is the compute dtype; ``param_dtype`` the storage dtype (default: float32, or
-    ``dtype`` when that is bfloat16, which halves memory).
+    ``dtype`` when that is bfloat16, which halves memory); ``attention`` the attention
+    implementation (``ClipModel``).
     """
     param_dtype = param_dtype or (dtype if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32)
-    ctor = lambda: ClipModel(config, dtype=dtype, param_dtype=param_dtype)  # noqa: E731
+    ctor = lambda: ClipModel(config, dtype=dtype, param_dtype=param_dtype, attention=attention)  # noqa: E731
     return W.build_with_weights(ctor, weights, source_name=source_name, dtype=param_dtype)
 
 
 def load_clip(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
-              pos_embed_antialias: bool | None = None) -> ClipModel:
+              pos_embed_antialias: bool | None = None, attention: str = "auto") -> ClipModel:
     """Loads a file written by ``save_clip`` (or ``tools/convert_clip.py``). Needs no torch.
 
     Args:
@@ -511,12 +525,15 @@ def load_clip(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype:
       param_dtype: weight storage dtype (see ``build_clip``).
       pos_embed_antialias: override ``ClipConfig.pos_embed_antialias`` (default: as stored,
         True = open_clip / GEM resampling of the positional embedding).
+      attention: attention implementation, ``"auto"`` | ``"xla"`` | ``"cudnn"`` | ``"einsum"``
+        (``zsp_jax.models.attention``); not stored in the file.
     """
     weights, meta = W.load_weights(path, expect={"zsp_jax.model": MODEL_NAME})
     config = ClipConfig.from_json(meta["zsp_jax.config"])
     if pos_embed_antialias is not None:
         config = dataclasses.replace(config, pos_embed_antialias=pos_embed_antialias)
-    return build_clip(config, weights, source_name=os.fspath(path), dtype=dtype, param_dtype=param_dtype)
+    return build_clip(config, weights, source_name=os.fspath(path), dtype=dtype, param_dtype=param_dtype,
+                      attention=attention)
 
 
 def read_clip_config(path: str | os.PathLike) -> ClipConfig:

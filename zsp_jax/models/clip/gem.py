@@ -10,7 +10,9 @@ block's own projections of h = ln_1(x) (x the *unmodified* CLIP path):
         z = l2norm(z); out_z = softmax(inv_t z z^T) v    (aggregation on the original v)
     result = mean(out_v, out_k, out_q)                   (then the block's out-projection)
 
-The temperature multiplies the logits after the matmul, as in the reference.
+The temperature multiplies the logits after the matmul, as in the reference, on the einsum
+path; ``jax.nn.dot_product_attention`` takes a scalar scale, so the xla / cudnn paths multiply
+the per-image temperatures into the queries instead (equal to float32 rounding).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from zsp_jax.models.clip.attention import attention
+from zsp_jax.models.attention import dot_product_attention
 from zsp_jax.models.clip.config import GemConfig
 
 
@@ -27,29 +29,31 @@ def _normalize(z: jax.Array) -> jax.Array:
     return (z / jnp.maximum(norm, 1e-12).astype(z.dtype)).astype(z.dtype)
 
 
-def self_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, h: jax.Array, gem: GemConfig) -> jax.Array:
+def self_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, h: jax.Array, gem: GemConfig, *,
+                        attention: str = "auto") -> jax.Array:
     """GEM's q-q / k-k / v-v attention, averaged.
 
     Args:
-      q, k, v: (B, heads, N, head_dim) projections of ``h``.
+      q, k, v: (B, N, heads, head_dim) projections of ``h``.
       h: (B, N, C) the block's LayerNorm output (for the adaptive temperature).
       gem: options (iterations, fixed temperature).
+      attention: the implementation (``zsp_jax.models.attention``).
 
     Returns:
-      (B, heads, N, head_dim), to be merged and out-projected by the block's attention.
+      (B, N, heads, head_dim), to be merged and out-projected by the block's attention.
     """
-    b, _, _, dh = q.shape
+    dh = q.shape[-1]
     if gem.ss_attn_temp is None:
         inv_t = jnp.mean(jnp.linalg.norm(h.astype(jnp.float32), axis=-1), axis=-1) * dh ** -0.5  # (B,)
     else:
-        inv_t = jnp.full((b,), gem.ss_attn_temp, jnp.float32)
+        inv_t = float(gem.ss_attn_temp)
     total = None
     # One path after the other (not stacked): peak memory stays that of one attention matrix.
     for z in (v, k, q):
         for _ in range(gem.ss_attn_iter):
             z = _normalize(z)
-            z = attention(z, z, z, inv_t)
+            z = dot_product_attention(z, z, z, attention=attention, scale=inv_t)
         z = _normalize(z)
-        out = attention(z, z, v, inv_t)
+        out = dot_product_attention(z, z, v, attention=attention, scale=inv_t)
         total = out if total is None else total + out
     return total / 3

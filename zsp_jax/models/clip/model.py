@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zsp_jax.models.attention import check_attention, dot_product_attention
 from zsp_jax.models.clip import gem as gem_lib
-from zsp_jax.models.clip.attention import attention
 from zsp_jax.models.clip.config import ClipConfig, GemConfig
 from zsp_jax.utils.resize import resize_matrix
 
@@ -111,11 +111,16 @@ class Embed(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with separate q/k/v projections (biases on all four)."""
+    """Multi-head self-attention with separate q/k/v projections (biases on all four).
 
-    def __init__(self, width: int, heads: int, *, keys: KeyGen, dtype: DType, param_dtype: DType):
+    ``attention`` selects the implementation (``zsp_jax.models.attention``).
+    """
+
+    def __init__(self, width: int, heads: int, *, keys: KeyGen, dtype: DType, param_dtype: DType,
+                 attention: str = "auto"):
         self.heads = heads
         self.head_dim = width // heads
+        self.attention = attention
         kw = dict(keys=keys, dtype=dtype, param_dtype=param_dtype)
         self.q = Dense(width, width, **kw)
         self.k = Dense(width, width, **kw)
@@ -123,15 +128,13 @@ class Attention(nnx.Module):
         self.out = Dense(width, width, **kw)
 
     def qkv(self, h: Array) -> tuple[Array, Array, Array]:
-        """(B, N, C) -> q, k, v each (B, heads, N, head_dim) (heads first: batched matmuls)."""
-        split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim).swapaxes(-2, -3)  # noqa: E731
+        """(B, N, C) -> q, k, v each (B, N, heads, head_dim) (``jax.nn.dot_product_attention``'s layout)."""
+        split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim)  # noqa: E731
         return split(self.q(h)), split(self.k(h)), split(self.v(h))
 
     def merge(self, o: Array) -> Array:
-        """(B, heads, N, head_dim) -> out-projected (B, N, C), without materialising a transpose."""
-        kernel = self.out.kernel.get_value().astype(self.out.dtype).reshape(self.heads, self.head_dim, -1)
-        y = jnp.einsum("bhnd,hdc->bnc", o.astype(self.out.dtype), kernel)
-        return y + self.out.bias.get_value().astype(self.out.dtype)
+        """(B, N, heads, head_dim) -> out-projected (B, N, C)."""
+        return self.out(o.reshape(*o.shape[:-2], -1))
 
 
 class Mlp(nnx.Module):
@@ -149,10 +152,10 @@ class Block(nnx.Module):
     """Pre-LN residual block: x + attn(ln_1(x)), then + mlp(ln_2(.))."""
 
     def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float, *, keys: KeyGen, dtype: DType,
-                 param_dtype: DType):
+                 param_dtype: DType, attention: str = "auto"):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.ln_1 = LayerNorm(width, eps=eps, **kw)
-        self.attn = Attention(width, heads, keys=keys, **kw)
+        self.attn = Attention(width, heads, keys=keys, attention=attention, **kw)
         self.ln_2 = LayerNorm(width, eps=eps, **kw)
         self.mlp = Mlp(width, mlp_dim, act, keys=keys, **kw)
 
@@ -170,17 +173,16 @@ class Block(nnx.Module):
 
     def finish(self, x: Array, q: Array, k: Array, v: Array, *, causal: bool = False,
                select: Array | None = None) -> Array:
-        """The block from its q/k/v on: attention, residual, MLP (shared with the GEM blocks)."""
+        """The block from its q/k/v ((B, N, heads, head_dim)) on: attention, residual, MLP (shared with GEM)."""
         mask = None
-        length = k.shape[2]
-        if causal:
-            mask = jnp.tril(jnp.ones((length, length), bool))
+        is_causal = causal and select is None
         if select is not None:
-            q = jnp.take_along_axis(q, select[:, None, None, None], axis=2)
+            q = jnp.take_along_axis(q, select[:, None, None, None], axis=1)
             x = jnp.take_along_axis(x, select[:, None, None], axis=1)
             if causal:  # the single query at position s sees keys 0..s
-                mask = (jnp.arange(length)[None, :] <= select[:, None])[:, None, None, :]
-        o = attention(q, k, v, self.attn.head_dim ** -0.5, mask)
+                mask = (jnp.arange(k.shape[1])[None, :] <= select[:, None])[:, None, None, :]
+        o = dot_product_attention(q, k, v, attention=self.attn.attention, scale=self.attn.head_dim ** -0.5,
+                                  mask=mask, is_causal=is_causal)
         x = x + self.attn.merge(o)
         return x + self.mlp(self.ln_2(x))
 
@@ -203,9 +205,10 @@ class DenseFeatures(NamedTuple):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: ClipConfig, *, keys: KeyGen, dtype: DType, param_dtype: DType):
+    def __init__(self, cfg: ClipConfig, *, keys: KeyGen, dtype: DType, param_dtype: DType, attention: str = "auto"):
         self.cfg = cfg
         self.dtype = dtype
+        self.attention = attention
         width, p = cfg.vision_width, cfg.patch_size
         scale = width ** -0.5
         normal = lambda shape, std: nnx.Param(jax.random.normal(keys(), shape, param_dtype) * std)  # noqa: E731
@@ -215,8 +218,8 @@ class VisionTower(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         eps = cfg.layer_norm_eps
         self.ln_pre = LayerNorm(width, eps=eps, **kw)
-        self.blocks = nnx.List([Block(width, cfg.vision_heads, cfg.vision_mlp_dim, cfg.act, eps, keys=keys, **kw)
-                                for _ in range(cfg.vision_layers)])
+        self.blocks = nnx.List([Block(width, cfg.vision_heads, cfg.vision_mlp_dim, cfg.act, eps, keys=keys,
+                                      attention=attention, **kw) for _ in range(cfg.vision_layers)])
         self.ln_post = LayerNorm(width, eps=eps, **kw)
         self.proj = normal((width, cfg.embed_dim), scale)
 
@@ -283,7 +286,7 @@ class VisionTower(nnx.Module):
         for i, blk in enumerate(blocks[split:]):
             h = blk.ln_1(x)
             q, k, v = blk.attn.qkv(h)
-            x_gem = x_gem + blk.attn.merge(gem_lib.self_self_attention(q, k, v, h, gem))
+            x_gem = x_gem + blk.attn.merge(gem_lib.self_self_attention(q, k, v, h, gem, attention=self.attention))
             last = i == n_gem - 1
             select = jnp.zeros((b,), jnp.int32) if last and not return_original else None
             x = blk.finish(x, q, k, v, select=select)
@@ -293,7 +296,7 @@ class VisionTower(nnx.Module):
 
 
 class TextTower(nnx.Module):
-    def __init__(self, cfg: ClipConfig, *, keys: KeyGen, dtype: DType, param_dtype: DType):
+    def __init__(self, cfg: ClipConfig, *, keys: KeyGen, dtype: DType, param_dtype: DType, attention: str = "auto"):
         self.cfg = cfg
         self.dtype = dtype
         width = cfg.text_width
@@ -301,7 +304,7 @@ class TextTower(nnx.Module):
         self.token_embedding = Embed(cfg.vocab_size, width, keys=keys, **kw)
         self.pos_embed = nnx.Param(jax.random.normal(keys(), (cfg.context_length, width), param_dtype) * 0.01)
         self.blocks = nnx.List([Block(width, cfg.text_heads, cfg.text_mlp_dim, cfg.act, cfg.layer_norm_eps,
-                                      keys=keys, **kw) for _ in range(cfg.text_layers)])
+                                      keys=keys, attention=attention, **kw) for _ in range(cfg.text_layers)])
         self.ln_final = LayerNorm(width, eps=cfg.layer_norm_eps, **kw)
         self.proj = nnx.Param(jax.random.normal(keys(), (width, cfg.embed_dim), param_dtype) * width ** -0.5)
 
@@ -334,14 +337,20 @@ class ClipModel(nnx.Module):
       param_dtype: storage dtype of the weights.
       rngs: initialisers' RNG streams, or ``seed`` (random initialisation is only for tests:
         real use loads converted weights with ``load_clip``).
+      attention: how attention is computed: ``"auto"`` (by backend), ``"xla"``, ``"cudnn"`` or
+        ``"einsum"`` (see ``zsp_jax.models.attention``). Not part of the config: it does not
+        change the weights, and results agree to rounding.
     """
 
     def __init__(self, config: ClipConfig, *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
-                 rngs: nnx.Rngs | None = None, seed: int = 0):
+                 rngs: nnx.Rngs | None = None, seed: int = 0, attention: str = "auto"):
+        check_attention(attention)
         keys = KeyGen(rngs.params() if rngs is not None else jax.random.key(seed))
         self.config = config
-        self.visual = VisionTower(config, keys=keys, dtype=dtype, param_dtype=param_dtype)
-        self.text = TextTower(config, keys=keys, dtype=dtype, param_dtype=param_dtype)
+        self.attention = attention
+        kw = dict(keys=keys, dtype=dtype, param_dtype=param_dtype, attention=attention)
+        self.visual = VisionTower(config, **kw)
+        self.text = TextTower(config, **kw)
         self.logit_scale = nnx.Param(jnp.asarray(np.log(1 / 0.07), param_dtype))  # scalar, as the checkpoints
 
     def encode_image(self, images: Array) -> Array:

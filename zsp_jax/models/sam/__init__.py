@@ -3,7 +3,7 @@
 Public API (NHWC throughout; S = ``config.image_size``, g = S/16, s = 4g):
 
 * ``SamConfig.vit_b() / vit_l() / vit_h() / tiny(image_size=256)``: frozen architecture configs.
-* ``Sam(config, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32)``:
+* ``Sam(config, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention="auto")``:
   - ``embed(images (B, S, S, 3) normalised + padded) -> (B, g, g, 256)``;
   - ``decode(embeddings (B, g, g, 256), point_coords (B, N, P, 2) | None, point_labels (B, N, P) | None,
     boxes (B, N, 4) | None = None, mask_inputs (B, N, s, s, 1) | None = None, *, multimask_output)
@@ -12,7 +12,7 @@ Public API (NHWC throughout; S = ``config.image_size``, g = S/16, s = 4g):
   calls ``nnx.merge(graphdef, state).embed(images)``, with the batch sharded over a mesh.
 * ``transforms``: ``resize_longest_side_shape``, ``preprocess`` (host, PIL, equal to the
   reference), ``preprocess_jax`` (device), ``apply_coords``, ``apply_boxes``, ``postprocess_masks``.
-* ``load_sam(path, dtype=..., param_dtype=...) -> (Sam, SamConfig)`` from a file written by
+* ``load_sam(path, dtype=..., param_dtype=..., attention=...) -> (Sam, SamConfig)`` from a file written by
   ``tools/convert_sam.py`` (no torch needed); ``convert_checkpoint`` / ``convert_sam_state_dict``.
 * ``SamPredictor``: ``set_image`` once, ``predict`` batched points / boxes / masks.
 """

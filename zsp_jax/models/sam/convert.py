@@ -219,7 +219,8 @@ def convert_sam_state_dict(sd: Mapping[str, Any], *, variant: str | None = None,
         raise W.ConversionError(
             f"{source_name}: the tensors describe no SAM variant (vit_b / vit_l / vit_h); nearest is {near.name}, "
             "which differs in\n    " + "\n    ".join(config_differences(found, near))
-            + "\n  (a truncated or modified checkpoint? pass allow_custom / --allow-custom to convert it anyway)")
+            + "\n  (a truncated or modified checkpoint? To convert it anyway: --allow-custom of tools/convert_sam.py, "
+            "or --config.label.sam_allow_custom=True for the labeller)")
     else:
         config = found
     if headline:
@@ -262,7 +263,7 @@ def load_sam(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: 
       path: written by ``tools/convert_sam.py`` / ``convert_checkpoint``.
       dtype: compute dtype (float32, or bfloat16 for speed).
       param_dtype: weight storage dtype (float32 or bfloat16).
-      **model_kwargs: further ``Sam`` arguments (``global_attn_chunk_bytes``).
+      **model_kwargs: further ``Sam`` arguments (``global_attn_chunk_bytes``, ``attention``).
 
     Returns:
       (model, config).

@@ -13,21 +13,24 @@ LayerNorm2d), with two exact rewrites that save work:
   reference (they are not masked there either), and the output projection runs on the
   64x64 tokens that survive the crop.
 
-Attention is written with einsums and a float32 softmax (chosen over
-``jax.nn.dot_product_attention`` with an explicit bias in profiling on CPU during development;
-``tools/bench_sam.py`` measures the whole encoder, not that choice), and the relative-position terms are added as two broadcast (q, kh) and (q, kw) tables rather than a
-materialised (q, k) bias.
+Attention goes through ``zsp_jax.models.attention.dot_product_attention`` (the ``attention``
+option: ``jax.nn.dot_product_attention`` with XLA or cuDNN, or the einsum form that is fastest on
+CPU), float32 logits and softmax. The decomposed relative positions are its ``bias``: the two
+tables (q, kh) and (q, kw) broadcast-added into a (q, k) array, which XLA fuses into the logits
+on the xla and einsum paths (cuDNN reads it from memory).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zsp_jax.models.attention import dot_product_attention
 from zsp_jax.models.sam.config import SamConfig
 from zsp_jax.models.sam.layers import Dtype, MLPBlock, gelu, layer_norm, linear
 
@@ -64,13 +67,15 @@ class PatchEmbed(nnx.Module):
 class EncoderAttention(nnx.Module):
     """Multi-head self-attention with decomposed relative positions, optionally in windows.
 
-    ``window == 0`` means global attention over the whole (grid x grid) token map.
+    ``window == 0`` means global attention over the whole (grid x grid) token map; ``attention``
+    selects the implementation (``zsp_jax.models.attention``).
     """
 
     def __init__(self, dim: int, heads: int, grid: int, window: int, *, dtype: Dtype, param_dtype: Dtype,
-                 rngs: nnx.Rngs, chunk_bytes: int = 0):
+                 rngs: nnx.Rngs, chunk_bytes: int = 0, attention: str = "auto"):
         self.heads = heads
         self.chunk_bytes = chunk_bytes
+        self.attention = attention
         self.window = window
         self.dtype = dtype
         head_dim = dim // heads
@@ -113,24 +118,25 @@ class EncoderAttention(nnx.Module):
         return qkv, (nh, nw)
 
     def _attend(self, qkv: jax.Array) -> jax.Array:
-        """(B', h, w, 3D) -> (B', h, w, D): softmax((q*scale) k^T + rel_h + rel_w) v per head."""
+        """(B', h, w, 3D) -> (B', h, w, D): softmax(scale q k^T + rel_h + rel_w) v per head."""
         b, h, w, c = qkv.shape
         d = c // 3
         nh = self.heads
-        qkv = qkv.reshape(b, h * w, 3, nh, d // nh).transpose(2, 0, 3, 1, 4)  # (3, B', heads, T, hd)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        qkv = qkv.reshape(b, h * w, 3, nh, d // nh)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B', T, heads, hd)
         rh = self.rel_pos_h.get_value().astype(q.dtype)[relative_position_index(h)]  # (h, kh, hd)
         rw = self.rel_pos_w.get_value().astype(q.dtype)[relative_position_index(w)]  # (w, kw, hd)
-        rq = q.reshape(b, nh, h, w, -1)
-        rel_h = jnp.einsum("bnyxc,ykc->bnyxk", rq, rh)  # (B', heads, h, w, kh)
-        rel_w = jnp.einsum("bnyxc,xkc->bnyxk", rq, rw)  # (B', heads, h, w, kw)
-        qs = q * jnp.asarray(self.scale, q.dtype)
+        rq = q.reshape(b, h, w, nh, -1)
+        rel_h = jnp.einsum("byxnc,ykc->bnyxk", rq, rh)  # (B', heads, h, w, kh)
+        rel_w = jnp.einsum("byxnc,xkc->bnyxk", rq, rw)  # (B', heads, h, w, kw)
         rows, heads_per_step = (chunk_plan(b, nh, h, w, self.chunk_bytes) if self.chunk_bytes > 0 else (h, nh))
+        attend = lambda q, k, v, rel_h, rel_w: _rel_pos_attention(  # noqa: E731
+            q, k, v, rel_h, rel_w, scale=self.scale, attention=self.attention)
         if rows < h or heads_per_step < nh:
-            out = _attend_chunked(qs, k, v, rel_h, rel_w, rows, heads_per_step)
+            out = _attend_chunked(attend, q, k, v, rel_h, rel_w, rows, heads_per_step)
         else:
-            out = _softmax_attention(qs, k, v, rel_h, rel_w)
-        return out.transpose(0, 2, 1, 3).reshape(b, h, w, d)  # (B', T, heads, hd) -> (B', h, w, D)
+            out = attend(q, k, v, rel_h, rel_w)
+        return out.reshape(b, h, w, d)  # (B', T, heads, hd) -> (B', h, w, D)
 
 
 def _divisors(n: int) -> list[int]:
@@ -150,62 +156,60 @@ def chunk_plan(batch: int, heads: int, h: int, w: int, budget_bytes: int) -> tup
     return 1, max([g for g in _divisors(heads) if g * per_head_row <= budget_bytes] or [1])
 
 
-def _attend_chunked(qs: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array, rows: int,
-                    heads_per_step: int) -> jax.Array:
-    """``_softmax_attention`` over blocks of ``rows`` query rows x ``heads_per_step`` heads (``lax.map``).
+def _attend_chunked(attend: Any, q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
+                    rows: int, heads_per_step: int) -> jax.Array:
+    """``attend`` (``_rel_pos_attention``) over blocks of ``rows`` query rows x ``heads_per_step`` heads (``lax.map``).
 
     The full (heads, T, T) logits of a 64x64 global block are 200M floats per image. Computed
     in cache-sized blocks they are written and read back from cache instead of memory and the
     program's temporary memory stays small; the arithmetic per block is the unchunked one.
+    Arguments and result as ``_rel_pos_attention``.
     """
-    b, nh, t, hd = qs.shape
-    _, _, h, w, _ = rel_h.shape
+    b, t, nh, hd = q.shape
+    _, _, h, w, kh = rel_h.shape
+    kw = rel_w.shape[-1]
     nr, ng, g = h // rows, nh // heads_per_step, heads_per_step
     # Step i covers query-row block i // ng and head group i % ng.
-    qc = qs.reshape(b, ng, g, nr, rows * w, hd).transpose(3, 1, 0, 2, 4, 5).reshape(nr * ng, b, g, rows * w, hd)
-    rhc = rel_h.reshape(b, ng, g, nr, rows, w, h).transpose(3, 1, 0, 2, 4, 5, 6).reshape(nr * ng, b, g, rows, w, h)
-    rwc = rel_w.reshape(b, ng, g, nr, rows, w, w).transpose(3, 1, 0, 2, 4, 5, 6).reshape(nr * ng, b, g, rows, w, w)
-    kg = k.reshape(b, ng, g, t, hd).transpose(1, 0, 2, 3, 4)
-    vg = v.reshape(b, ng, g, t, hd).transpose(1, 0, 2, 3, 4)
+    qc = q.reshape(b, nr, rows * w, ng, g, hd).transpose(1, 3, 0, 2, 4, 5).reshape(nr * ng, b, rows * w, g, hd)
+    rhc = rel_h.reshape(b, ng, g, nr, rows, w, kh).transpose(3, 1, 0, 2, 4, 5, 6).reshape(nr * ng, b, g, rows, w, kh)
+    rwc = rel_w.reshape(b, ng, g, nr, rows, w, kw).transpose(3, 1, 0, 2, 4, 5, 6).reshape(nr * ng, b, g, rows, w, kw)
+    kg = k.reshape(b, -1, ng, g, hd).transpose(2, 0, 1, 3, 4)  # (ng, B, Tk, g, hd)
+    vg = v.reshape(b, -1, ng, g, hd).transpose(2, 0, 1, 3, 4)
     group = jnp.tile(jnp.arange(ng), nr)
-    out = jax.lax.map(lambda a: _softmax_attention(a[0], kg[a[3]], vg[a[3]], a[1], a[2]), (qc, rhc, rwc, group))
-    out = out.reshape(nr, ng, b, g, rows * w, hd).transpose(2, 1, 3, 0, 4, 5)
-    return out.reshape(b, nh, t, hd)
+    out = jax.lax.map(lambda a: attend(a[0], kg[a[3]], vg[a[3]], a[1], a[2]), (qc, rhc, rwc, group))
+    out = out.reshape(nr, ng, b, rows * w, g, hd).transpose(2, 0, 3, 1, 4, 5)
+    return out.reshape(b, t, nh, hd)
 
 
-def _softmax_attention(qs: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array) -> jax.Array:
-    """Attention with decomposed relative positions; heads-major layout.
+def _rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array, *,
+                       scale: float, attention: str) -> jax.Array:
+    """softmax(scale q k^T + rel_h + rel_w) v with decomposed relative positions as the bias.
 
     Args:
-      qs: (B, heads, Tq, hd) scaled queries, Tq = qh * qw (row-major over the query grid).
-      k, v: (B, heads, Tk, hd), Tk = kh * kw.
-      rel_h: (B, heads, qh, qw, kh); rel_w: (B, heads, qh, qw, kw).
+      q: (B, Tq, heads, hd) queries, Tq = qh * qw (row-major over the query grid).
+      k, v: (B, Tk, heads, hd), Tk = kh * kw.
+      rel_h: (B, heads, qh, qw, kh); rel_w: (B, heads, qh, qw, kw): the terms added to the
+        logits of key row kh / key column kw.
+      scale: head_dim^-0.5.
+      attention: the implementation (``zsp_jax.models.attention``).
 
     Returns:
-      (B, heads, Tq, hd). The softmax normalisation is applied after the value product (one
-      division per output element instead of one per logit); the max is subtracted first, in
-      float32, as in a standard softmax.
+      (B, Tq, heads, hd).
     """
-    b, nh, tq, _ = qs.shape
-    _, _, qh, qw, kh = rel_h.shape
+    b, nh, qh, qw, kh = rel_h.shape
     kw = rel_w.shape[-1]
-    logits = jnp.einsum("bnqc,bnkc->bnqk", qs, k).reshape(b, nh, qh, qw, kh, kw)
-    logits = (logits + rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, tq, kh * kw)
-    logits = logits.astype(jnp.float32)
-    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    denom = jnp.sum(e, axis=-1, keepdims=True)
-    out = jnp.einsum("bnqk,bnkc->bnqc", e.astype(v.dtype), v)
-    return (out.astype(jnp.float32) / denom).astype(v.dtype)
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, qh * qw, kh * kw)
+    return dot_product_attention(q, k, v, attention=attention, scale=scale, bias=bias)
 
 
 class EncoderBlock(nnx.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, grid: int, window: int, *, dtype: Dtype,
-                 param_dtype: Dtype, rngs: nnx.Rngs, chunk_bytes: int = 0):
+                 param_dtype: Dtype, rngs: nnx.Rngs, chunk_bytes: int = 0, attention: str = "auto"):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = layer_norm(dim, 1e-6, **kw)
-        self.attn = EncoderAttention(dim, heads, grid, window, chunk_bytes=chunk_bytes, **kw)
+        self.attn = EncoderAttention(dim, heads, grid, window, chunk_bytes=chunk_bytes, attention=attention, **kw)
         self.norm2 = layer_norm(dim, 1e-6, **kw)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), gelu, **kw)
 
@@ -232,7 +236,7 @@ class ImageEncoder(nnx.Module):
     """(B, S, S, 3) normalised, padded images -> (B, S/16, S/16, prompt_dim) embeddings."""
 
     def __init__(self, config: SamConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
-                 global_attn_chunk_bytes: int = 0):
+                 global_attn_chunk_bytes: int = 0, attention: str = "auto"):
         c = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
@@ -241,7 +245,8 @@ class ImageEncoder(nnx.Module):
         self.blocks = nnx.List([
             EncoderBlock(c.encoder_dim, c.encoder_heads, c.mlp_ratio, c.grid_size,
                          0 if i in c.global_attn_indexes else c.window_size,
-                         chunk_bytes=global_attn_chunk_bytes if i in c.global_attn_indexes else 0, **kw)
+                         chunk_bytes=global_attn_chunk_bytes if i in c.global_attn_indexes else 0,
+                         attention=attention, **kw)
             for i in range(c.encoder_depth)])
         self.neck = Neck(c.encoder_dim, c.prompt_dim, **kw)
 

@@ -82,11 +82,6 @@ class MLP(nnx.Module):
         return x
 
 
-def softmax_f32(logits: jax.Array, axis: int | tuple[int, ...] = -1) -> jax.Array:
-    """Softmax computed in float32 and returned in the logits' dtype (bf16 stays stable)."""
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=axis).astype(logits.dtype)
-
-
 def stride2_transpose_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
     """torch ``ConvTranspose2d(kernel_size=2, stride=2)`` on NHWC: every input pixel paints a 2x2 block.
 

@@ -5,9 +5,12 @@ leading axes, B images x N prompts, and all N prompts of an image are decoded in
 
 Work shared by the prompts of an image is done once: without a mask input every prompt
 starts from the same image tokens, so the first block's token-to-image keys/values and
-image-to-token queries are projected per image (B rows) rather than per prompt (B x N);
-the attention einsums broadcast them over the prompts. The arithmetic per prompt is the
-reference's, so the results are the same to rounding.
+image-to-token queries are projected per image (B rows) rather than per prompt (B x N).
+Attention goes through ``zsp_jax.models.attention.dot_product_attention`` (the ``attention``
+option); keys and values shared by the prompts are not copied per prompt: the prompts' queries
+are laid end to end along the query axis of one attention per image (exact, as each query row
+attends on its own). The arithmetic per prompt is the reference's, so the results are the same
+to rounding.
 """
 
 from __future__ import annotations
@@ -18,17 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zsp_jax.models.attention import dot_product_attention
 from zsp_jax.models.sam.config import SamConfig
-from zsp_jax.models.sam.layers import (
-    MLP,
-    Dtype,
-    MLPBlock,
-    gelu,
-    layer_norm,
-    linear,
-    softmax_f32,
-    stride2_transpose_conv,
-)
+from zsp_jax.models.sam.layers import MLP, Dtype, MLPBlock, gelu, layer_norm, linear, stride2_transpose_conv
 
 
 class DecoderAttention(nnx.Module):
@@ -36,40 +31,38 @@ class DecoderAttention(nnx.Module):
 
     Inputs have shape (B, M, T, D) where M is either N (one row per prompt) or 1 (shared by
     all prompts of the image); shared inputs are never broadcast before their projection.
+    ``attention`` selects the implementation (``zsp_jax.models.attention``).
     """
 
     def __init__(self, dim: int, heads: int, downsample_rate: int = 1, *, dtype: Dtype, param_dtype: Dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, attention: str = "auto"):
         internal = dim // downsample_rate
         if internal % heads:
             raise ValueError(f"{heads} heads do not divide the internal width {internal}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.heads = heads
+        self.attention = attention
         self.q_proj = linear(dim, internal, **kw)
         self.k_proj = linear(dim, internal, **kw)
         self.v_proj = linear(dim, internal, **kw)
         self.out_proj = linear(internal, dim, **kw)
 
-    def _heads(self, x: jax.Array) -> tuple[jax.Array, str]:
-        """(B, M, T, C) -> heads split, with M squeezed away when it is 1; returns the einsum subscripts."""
-        x = x.reshape(x.shape[:-1] + (self.heads, x.shape[-1] // self.heads))
-        if x.shape[1] == 1:
-            return x[:, 0], "b"
-        return x, "bn"
-
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """q (B, Mq, Tq, D), k and v (B, Mk, Tk, D) -> (B, max(Mq, Mk), Tq, D)."""
-        q, qs = self._heads(self.q_proj(q))
-        k, ks = self._heads(self.k_proj(k))
-        v, vs = self._heads(self.v_proj(v))
-        out_lead = "bn" if "n" in qs + ks else "b"
-        logits = jnp.einsum(f"{qs}qhc,{ks}khc->{out_lead}hqk", q, k)
-        logits = logits / jnp.asarray(math.sqrt(q.shape[-1]), logits.dtype)
-        probs = softmax_f32(logits)
-        out = jnp.einsum(f"{out_lead}hqk,{vs}khc->{out_lead}qhc", probs, v)
-        if out_lead == "b":
-            out = out[:, None]
-        out = out.reshape(out.shape[:-2] + (-1,))
+        split = lambda x: x.reshape(x.shape[:-1] + (self.heads, x.shape[-1] // self.heads))  # noqa: E731
+        q, k, v = split(self.q_proj(q)), split(self.k_proj(k)), split(self.v_proj(v))  # (B, M, T, heads, c)
+        b, mq, tq, nh, c = q.shape
+        mk = k.shape[1]
+        if v.shape[1] != mk:
+            raise ValueError(f"keys and values are given for {mk} and {v.shape[1]} prompts")
+        attend = lambda q, k, v: dot_product_attention(q, k, v, attention=self.attention,  # noqa: E731
+                                                       scale=1.0 / math.sqrt(c))
+        if mk == 1:  # keys shared by every prompt: one attention per image, the prompts' queries end to end
+            out = attend(q.reshape(b, mq * tq, nh, c), k[:, 0], v[:, 0]).reshape(b, mq, tq, nh * c)
+        else:
+            q = jnp.broadcast_to(q, (b, mk) + q.shape[2:])
+            fold = lambda x: x.reshape((b * mk,) + x.shape[2:])  # noqa: E731
+            out = attend(fold(q), fold(k), fold(v)).reshape(b, mk, tq, nh * c)
         return self.out_proj(out)
 
 
@@ -77,17 +70,17 @@ class TwoWayAttentionBlock(nnx.Module):
     """Token self-attention, token->image attention, token MLP, image->token attention (post-norm)."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, downsample_rate: int, skip_first_layer_pe: bool, *,
-                 dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+                 dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs, attention: str = "auto"):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.skip_first_layer_pe = skip_first_layer_pe
-        self.self_attn = DecoderAttention(dim, heads, **kw)
+        self.self_attn = DecoderAttention(dim, heads, attention=attention, **kw)
         self.norm1 = layer_norm(dim, 1e-5, **kw)
-        self.cross_attn_token_to_image = DecoderAttention(dim, heads, downsample_rate, **kw)
+        self.cross_attn_token_to_image = DecoderAttention(dim, heads, downsample_rate, attention=attention, **kw)
         self.norm2 = layer_norm(dim, 1e-5, **kw)
         self.mlp = MLPBlock(dim, mlp_dim, jax.nn.relu, **kw)
         self.norm3 = layer_norm(dim, 1e-5, **kw)
         self.norm4 = layer_norm(dim, 1e-5, **kw)
-        self.cross_attn_image_to_token = DecoderAttention(dim, heads, downsample_rate, **kw)
+        self.cross_attn_image_to_token = DecoderAttention(dim, heads, downsample_rate, attention=attention, **kw)
 
     def __call__(self, queries: jax.Array, keys: jax.Array, query_pe: jax.Array, key_pe: jax.Array
                  ) -> tuple[jax.Array, jax.Array]:
@@ -105,15 +98,16 @@ class TwoWayAttentionBlock(nnx.Module):
 
 
 class TwoWayTransformer(nnx.Module):
-    def __init__(self, config: SamConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, config: SamConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+                 attention: str = "auto"):
         c = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List([
             TwoWayAttentionBlock(c.prompt_dim, c.decoder_heads, c.decoder_mlp_dim, c.attention_downsample_rate,
-                                 i == 0, **kw)
+                                 i == 0, attention=attention, **kw)
             for i in range(c.decoder_depth)])
         self.final_attn_token_to_image = DecoderAttention(c.prompt_dim, c.decoder_heads,
-                                                          c.attention_downsample_rate, **kw)
+                                                          c.attention_downsample_rate, attention=attention, **kw)
         self.norm_final_attn = layer_norm(c.prompt_dim, 1e-5, **kw)
 
     def __call__(self, image: jax.Array, image_pe: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -181,13 +175,14 @@ class OutputUpscaling(nnx.Module):
 class MaskDecoder(nnx.Module):
     """Image embedding + prompt embeddings -> low-resolution mask logits and IoU predictions."""
 
-    def __init__(self, config: SamConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, config: SamConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+                 attention: str = "auto"):
         c = config
         d = c.prompt_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
         self.dtype = dtype
-        self.transformer = TwoWayTransformer(c, **kw)
+        self.transformer = TwoWayTransformer(c, attention=attention, **kw)
         self.iou_token = nnx.Embed(1, d, param_dtype=param_dtype, rngs=rngs)
         self.mask_tokens = nnx.Embed(c.num_mask_tokens, d, param_dtype=param_dtype, rngs=rngs)
         self.output_upscaling = OutputUpscaling(d, **kw)

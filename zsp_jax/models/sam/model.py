@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zsp_jax.models.attention import check_attention
 from zsp_jax.models.sam.config import SamConfig
 from zsp_jax.models.sam.image_encoder import ImageEncoder
 from zsp_jax.models.sam.layers import KeyStream
@@ -31,6 +32,9 @@ class Sam(nnx.Module):
         bytes; 0 = all at once. The default (None) is 32 MiB on CPU, where cache-sized blocks
         are measured 1.3-1.6x faster per global block than 0 on the development machine
         (its L3 is 32 MiB), and 0 on other backends. Results are the same either way.
+      attention: how the encoder's and the decoder's attention is computed: ``"auto"`` (by
+        backend), ``"xla"``, ``"cudnn"`` or ``"einsum"`` (see ``zsp_jax.models.attention``). Not
+        part of the config: it does not change the weights, and results agree to rounding.
 
     Both ``embed`` and ``decode`` are pure functions of the weights and their arguments, with
     static shapes, so they can be used under ``jax.jit`` after ``nnx.split`` and with inputs
@@ -38,15 +42,19 @@ class Sam(nnx.Module):
     """
 
     def __init__(self, config: SamConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, global_attn_chunk_bytes: int | None = None):
+                 param_dtype: Any = jnp.float32, global_attn_chunk_bytes: int | None = None,
+                 attention: str = "auto"):
+        check_attention(attention)
         self.config = config
         self.dtype = dtype
+        self.attention = attention
         if global_attn_chunk_bytes is None:
             global_attn_chunk_bytes = 32 * 2**20 if jax.default_backend() == "cpu" else 0
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeyStream(rngs))
-        self.image_encoder = ImageEncoder(config, global_attn_chunk_bytes=global_attn_chunk_bytes, **kw)
+        self.image_encoder = ImageEncoder(config, global_attn_chunk_bytes=global_attn_chunk_bytes,
+                                          attention=attention, **kw)
         self.prompt_encoder = PromptEncoder(config, **kw)
-        self.mask_decoder = MaskDecoder(config, **kw)
+        self.mask_decoder = MaskDecoder(config, attention=attention, **kw)
 
     def embed(self, images: jax.Array) -> jax.Array:
         """Image encoder.

@@ -2,11 +2,11 @@
 
 One program per image-size bucket (``LabelPlan``) runs, for a group of images per device:
 
-1. SAM's automatic mask generator (``zsp_jax.amg.device.generate_padded``): encoder, prompt
+1. SAM's automatic mask generator (``zsp_jax.amg.generate.generate_padded``): encoder, prompt
    decoding, filters, NMS; it keeps each surviving mask's low-resolution logits;
 2. GEM-CLIP dense features of the image resized to ``clip_size`` (``ClipModel.dense_features``);
 3. one pass over the kept masks at full resolution, ``mask_chunk`` at a time
-   (``amg.device.scan_mask_chunks``), that for each chunk
+   (``zsp_jax.amg.mask_chunks.scan_mask_chunks``), that for each chunk
    * measures areas and tight boxes,
    * pools the chunk onto the feature grid (``pool_weights``): the paper's masked average
      ``f_k = sum_x S_k(x) F(x) / sum_x S_k(x)`` with F the features resized to the image is
@@ -32,17 +32,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zsp_jax.amg import device as D
-from zsp_jax.amg.upsample import _linear_taps
+from zsp_jax.amg.decoder import PromptDecoder
+from zsp_jax.amg.generate import AmgOutputs, generate_padded
+from zsp_jax.amg.inputs import AmgInputs
+from zsp_jax.amg.mask_chunks import scan_mask_chunks
+from zsp_jax.amg.plan import Plan
+from zsp_jax.amg.statistics import box_from_any
 from zsp_jax.label.options import Rules
 from zsp_jax.models.clip import GemConfig
+from zsp_jax.utils.resize import bilinear_taps
 
 
 @dataclasses.dataclass(frozen=True)
 class LabelPlan:
     """Static description of one compiled labelling program."""
 
-    amg: D.Plan
+    amg: Plan
     rules: Rules
     gem: GemConfig
     clip_size: int
@@ -58,7 +63,7 @@ class LabelInputs(NamedTuple):
       clip_images: (B, c, c, 3) uint8, each image resized to ``clip_size`` (PIL bicubic).
     """
 
-    amg: D.AmgInputs
+    amg: AmgInputs
     clip_images: jax.Array
 
 
@@ -77,7 +82,7 @@ class LabelOutputs(NamedTuple):
       area: (B, K) int32 pixels.
       valid: (B, K) bool: a non-empty kept mask.
       packed_masks: (B, K, Hb, ceil(Wb / 8)) uint8 ``packbits`` of the masks along x, or None.
-      num_kept, truncated_crops: (B,) int32 as ``AmgOutputs``.
+      num_kept, num_survived, truncated_crops: (B,) int32 as ``AmgOutputs``.
       resize_ok: (B,) bool.
     """
 
@@ -94,6 +99,7 @@ class LabelOutputs(NamedTuple):
     valid: jax.Array
     packed_masks: jax.Array | None
     num_kept: jax.Array
+    num_survived: jax.Array
     truncated_crops: jax.Array
     resize_ok: jax.Array
 
@@ -109,7 +115,7 @@ def pool_weights(n_cells: int, length: jax.Array, canvas: int, method: str) -> j
     are 0.
 
     * ``"bilinear"``: torch's ``F.interpolate(mode="bilinear", align_corners=False)`` taps from
-      the grid to the image (``zsp_jax.amg.upsample``'s taps, the same as the reference's);
+      the grid to the image (``zsp_jax.utils.resize.bilinear_taps``, the reference's);
     * ``"area"``: 1 for the cell that holds the pixel's centre, ``floor((y + 0.5) * n / length)``
       (integer arithmetic, so no rounding decides a boundary).
     """
@@ -120,7 +126,7 @@ def pool_weights(n_cells: int, length: jax.Array, canvas: int, method: str) -> j
         cell = ((2 * y + 1) * n_cells) // (2 * jnp.maximum(length, 1))
         w = (cell[:, None] == cells[None, :]).astype(jnp.float32)
     else:
-        i0, i1, w0, w1 = _linear_taps(jnp.int32(n_cells), length, canvas)
+        i0, i1, w0, w1 = bilinear_taps(jnp.int32(n_cells), length, canvas)
         w = (jnp.where(i0[:, None] == cells, w0[:, None], 0.0) + jnp.where(i1[:, None] == cells, w1[:, None], 0.0))
     return jnp.where(inside[:, None], w, 0.0)
 
@@ -183,7 +189,7 @@ def _paint_key(area: jax.Array, iou: jax.Array, order: str) -> jax.Array:
     return iou  # iou_asc: ascending predicted IoU, the most confident on top
 
 
-def label_images(amg: D.AmgOutputs, tokens: jax.Array, text: jax.Array, image_hw: jax.Array, plan: LabelPlan
+def label_images(amg: AmgOutputs, tokens: jax.Array, text: jax.Array, image_hw: jax.Array, plan: LabelPlan
                  ) -> dict[str, Any]:
     """B images' label maps and segment records.
 
@@ -215,12 +221,12 @@ def label_images(amg: D.AmgOutputs, tokens: jax.Array, text: jax.Array, image_hw
         carry = (jnp.where(better, chunk_key, best_key), jnp.where(better, chunk_idx, best_idx))
         mf = m.astype(jnp.float32)
         cov = jnp.einsum("bhi,bchj->bcij", rows, jnp.einsum("bchw,bwj->bchj", mf, cols))  # (B, c, gh, gw)
-        boxes = D.box_from_any(jnp.any(m, axis=3), jnp.any(m, axis=2))  # (B, c, 4)
+        boxes = box_from_any(jnp.any(m, axis=3), jnp.any(m, axis=2))  # (B, c, 4)
         packed = jnp.packbits(m, axis=-1) if plan.return_masks else None
         return carry, (area, cov, boxes, packed)
 
     init = (jnp.full((b, hb, wb), -jnp.inf, jnp.float32), jnp.full((b, hb, wb), -1, jnp.int32))
-    (_, winner), (area, cov, boxes, packed), ok = D.scan_mask_chunks(
+    (_, winner), (area, cov, boxes, packed), ok = scan_mask_chunks(
         step, init, amg.low_res_logits, amg.input_hw, amg.crop_box, image_hw, plan.amg, amg.valid)
     k = amg.valid.shape[1]
     slots = lambda a: jnp.moveaxis(a, 1, 0).reshape((b, k) + a.shape[3:])  # (K//c, B, c, ...) -> (B, K, ...)  # noqa: E731
@@ -250,19 +256,19 @@ def label_images(amg: D.AmgOutputs, tokens: jax.Array, text: jax.Array, image_hw
 # ----------------------------------------------------------------------------- a group of images
 
 
-def label_group(sam: Any, decode: D.DecodeFn, clip: Any, clip_table: jax.Array, text: jax.Array,
+def label_group(sam: Any, decoder: PromptDecoder, clip: Any, clip_table: jax.Array, text: jax.Array,
                 inputs: LabelInputs, plan: LabelPlan) -> LabelOutputs:
     """The whole program for B images of one bucket (traceable; ``plan`` static).
 
     Args:
-      sam: a ``zsp_jax.models.sam.Sam``; decode: its AMG prompt decoder.
+      sam: a ``zsp_jax.models.sam.Sam``; decoder: its AMG prompt decoder (``point_decoder``).
       clip: a ``ClipModel``; clip_table: (256, 3) CLIP normalisation table (``zsp_jax.utils.lut``).
       text: (P, D) unit prompt embeddings.
       inputs: ``LabelInputs`` of B images.
     """
     from zsp_jax.utils.lut import apply_uint8_table
 
-    amg = D.generate_padded(sam.embed, decode, inputs.amg, plan.amg, return_masks=False, return_low_res=True)
+    amg = generate_padded(sam.embed, decoder, inputs.amg, plan.amg, return_masks=False, return_low_res=True)
     pixels = apply_uint8_table(inputs.clip_images, clip_table)
     tokens = clip.dense_features(pixels, plan.gem, normalize=plan.rules.normalize_tokens).tokens
     per_image = label_images(amg, tokens.astype(jnp.float32), text, inputs.amg.image_hw, plan)
@@ -272,5 +278,5 @@ def label_group(sam: Any, decode: D.DecodeFn, clip: Any, clip_table: jax.Array, 
         seg_score=per_image["seg_score"], predicted_iou=jnp.where(per_image["valid"], amg.predicted_iou, 0.0),
         stability_score=jnp.where(per_image["valid"], amg.stability_score, 0.0), boxes=per_image["boxes"],
         area=per_image["area"], valid=per_image["valid"], packed_masks=per_image.get("packed_masks"),
-        num_kept=amg.num_kept, truncated_crops=amg.truncated_crops,
+        num_kept=amg.num_kept, num_survived=amg.num_survived, truncated_crops=amg.truncated_crops,
         resize_ok=amg.resize_ok & per_image["resize_ok"])
