@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
+from zsp_jax import cli
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--size", type=int, default=448, help="input height = width")
@@ -162,4 +163,4 @@ def text_bench(torch_model, converted, classes, repeats, peak) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(main())
+    cli.run_tool(main)

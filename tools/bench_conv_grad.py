@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 
+from zsp_jax import cli
+
 # (name, in channels, out channels, spatial size, dilation) of the dense 3x3 convs of UniMatch's
 # DeepLabV3+ R101 at 321x321 (deep stem; ASPP at output stride 16; decoder at stride 4).
 SHAPES = (
@@ -37,7 +39,7 @@ SHAPES = (
 def parse_args() -> argparse.Namespace:
     from zsp_jax.utils import bench
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", default="", help="comma-separated substrings of the conv names to run")
@@ -126,4 +128,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_tool(main)

@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import time
 
+from zsp_jax import cli
+
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="resnet101", choices=("resnet50", "resnet101", "xception65"))
     p.add_argument("--stem", default="deep", choices=("deep", "plain"))
     p.add_argument("--size", type=int, default=321)
@@ -169,4 +171,4 @@ def _summary(rows: list) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_tool(main)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 import time
 
 from absl import flags
@@ -34,6 +33,8 @@ import numpy as np
 from zsp_jax.data import augment, decode, device_augment, pipeline, readers, sources, splits, synthetic
 from zsp_jax.data import tfds_builders
 from zsp_jax.utils import bench
+
+from zsp_jax import cli
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +93,7 @@ def _rate(pipe: pipeline.TrainPipeline, batches: int, warmup: int = 4) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="/tmp/zsp_bench_input", help="where the generated data and its build go")
     p.add_argument("--num-images", type=int, default=96)
     p.add_argument("--batches", type=int, default=24)
@@ -156,4 +157,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 
 import numpy as np
 
+from zsp_jax import cli
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", choices=("vit_b", "vit_l", "vit_h"), default="vit_b")
     p.add_argument("--batch", type=int, default=1, help="images per encoder call")
     p.add_argument("--points", type=int, default=64, help="single-point prompts per decoder call (a square)")
@@ -170,4 +171,4 @@ def _no_grad(fn, *args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

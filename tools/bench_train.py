@@ -24,11 +24,13 @@ from __future__ import annotations
 import argparse
 import time
 
+from zsp_jax import cli
+
 
 def parse_args() -> argparse.Namespace:
     from zsp_jax.utils import bench
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="resnet101", choices=("resnet50", "resnet101", "xception65"))
     p.add_argument("--size", type=int, default=321, help="crop size")
     p.add_argument("--batch", type=int, default=2, help="labelled (= unlabelled) images per step")
@@ -199,4 +201,4 @@ def phases(graphdef, tx, options, holder, batch, key, ours_step, repeats, torch_
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_tool(main)

@@ -18,9 +18,11 @@ import sys
 
 from zsp_jax.data import bad_input, readers, tfds_builders
 
+from zsp_jax import cli
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=readers.DATASETS, required=True)
     p.add_argument("--root", required=True, help="dataset root (VOC2012 directory, or the COCO root)")
     p.add_argument("--tfds-dir", required=True, help="where the build goes (config.data.tfds_dir)")
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                                   threads=args.threads, rebuild_if_stale=args.rebuild_if_stale)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # BadInputError is a ValueError
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     meta = tfds_builders.read_metadata(out)
     for subset, names in meta["names"].items():
         skipped = meta["skipped"].get(subset, [])
@@ -48,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

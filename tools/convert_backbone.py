@@ -30,12 +30,14 @@ import argparse
 import sys
 import time
 
+from zsp_jax import cli
+
 VARIANTS = ("resnet50", "resnet101", "xception65")
 BACKBONE_FIELDS = ("backbone", "resnet_blocks", "resnet_stem", "resnet_width", "xception_widths", "xception_middle")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="PyTorch checkpoint (.pth / .pt)")
     p.add_argument("output", help="output .safetensors file")
     p.add_argument("--variant", choices=VARIANTS, help="expected backbone; checked against the file")
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         save_converted(args.output, weights, config, info)
     except (ConversionError, FileNotFoundError, ValueError) as e:  # ValueError: an invalid config
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {args.output}: {len(weights)} tensors, {sum(w.size for w in weights.values()) / 1e6:.2f}M values, "
           f"variant {config.variant}, {config.num_classes} classes, output stride {config.output_stride}"
           f"{', multi-grid' if config.resnet_multi_grid else ''}, ASPP rates {config.aspp_rates} "
@@ -92,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from zsp_jax import cli
+
 
 def tokenizer_dir_for(out: str) -> str:
     base = out[: -len(".safetensors")] if out.endswith(".safetensors") else out
@@ -35,7 +37,7 @@ def tokenizer_dir_for(out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="transformers CLIP directory, OpenAI .pt, or open_clip checkpoint")
     p.add_argument("out", help="output .safetensors path")
     p.add_argument("--format", choices=("hf", "openai", "open_clip"), default=None, help="source format (detected)")
@@ -55,19 +57,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if problem := output_path_problem(args.source, args.out):
         print(f"error: {problem}", file=sys.stderr)
-        return 1
+        return 2
     t0 = time.perf_counter()
     try:
         converted = C.convert_checkpoint(args.source, fmt=args.format, act=args.act, model_name=args.model_name,
                                          vision_head_width=args.vision_head_width)
     except (FileNotFoundError, C.W.ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     try:
         C.save_clip(args.out, converted)
     except OSError as e:
         print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
-        return 1
+        return 2
     n = sum(int(np.prod(v.shape)) for v in converted.weights.values())
     cfg = converted.config
     print(f"{args.source} ({converted.source_format}) -> {args.out}: {cfg.variant_name()}, {n / 1e6:.1f}M params, "
@@ -100,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

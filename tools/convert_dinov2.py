@@ -31,9 +31,11 @@ import argparse
 import sys
 import time
 
+from zsp_jax import cli
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="official DINOv2 .pth, transformers directory/state_dict, or UniMatch V2 checkpoint")
     p.add_argument("out", help="output .safetensors path")
     p.add_argument("--variant", default=None,
@@ -91,4 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

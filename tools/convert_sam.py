@@ -20,9 +20,11 @@ import argparse
 import sys
 import time
 
+from zsp_jax import cli
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="segment-anything checkpoint (.pth state_dict)")
     p.add_argument("out", help="output .safetensors path")
     p.add_argument("--variant", choices=("vit_b", "vit_l", "vit_h"), default=None,
@@ -38,16 +40,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if problem := output_path_problem(args.source, args.out):
         print(f"error: {problem}", file=sys.stderr)
-        return 1
+        return 2
     t0 = time.perf_counter()
     try:
         config = C.convert_checkpoint(args.source, args.out, variant=args.variant, allow_custom=args.allow_custom)
     except (FileNotFoundError, C.W.ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as e:  # reading is wrapped in ConversionError above, so this is the output side
         print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
-        return 1
+        return 2
     peak = peak_rss_bytes() / 2**30
     print(f"{args.source} -> {args.out}: {config.name} (encoder {config.encoder_dim} x {config.encoder_depth}, "
           f"global attention at {list(config.global_attn_indexes)}, {config.image_size}px) "
@@ -68,4 +70,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

@@ -16,9 +16,12 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from zsp_jax import cli  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the labeller's output folder")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--gt", help="folder of ground-truth masks at <gt>/<image path without extension>.png")
@@ -35,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     classes_file = os.path.join(args.out, "classes.json")
     if not os.path.isfile(classes_file):
         print(f"error: {args.out} is not a labeller output folder (no classes.json)", file=sys.stderr)
-        return 1
+        return 2
+    if args.sweep:  # checked before any work: the sweep re-scores each segment record
+        parse_thresholds(args.sweep)
+        if not os.path.isdir(os.path.join(args.out, "segments")):
+            print(f"error: --sweep: {args.out} has no segments/ folder (label with --config.label.write_segments=True, "
+                  f"or with --sweep, to write the per-segment records)", file=sys.stderr)
+            return 2
     with open(classes_file) as f:
         names = json.load(f)["names"]
     entries = outputs.read_manifests(args.out)
@@ -70,5 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sys.exit(main())
+    cli.run_tool(main)

@@ -13,13 +13,14 @@ splits/coco directory.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from zsp_jax.data import readers, splits
 
+from zsp_jax import cli
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=readers.DATASETS, required=True)
     p.add_argument("--root", required=True, help="dataset root (VOC2012 directory, or the COCO root)")
     p.add_argument("--out", required=True, help="output directory (one sub-directory per split)")
@@ -35,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

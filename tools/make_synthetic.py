@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from zsp_jax.data import readers, splits, synthetic
 
+from zsp_jax import cli
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="the VOC2012-style directory to write")
     p.add_argument("--num-train", type=int, default=24)
     p.add_argument("--num-val", type=int, default=8)
@@ -42,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

@@ -22,9 +22,11 @@ import tqdm
 
 from zsp_jax.data import coco
 
+from zsp_jax import cli
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True)
     p.add_argument("--subsets", default="train,val", help="comma-separated: train, val")
     p.add_argument("--crowd", choices=("ignore", "class"), default="ignore")
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         ann = os.path.join(args.root, "annotations", f"instances_{subset}2017.json")
         if not os.path.isfile(ann):
             print(f"error: {ann} not found", file=sys.stderr)
-            return 1
+            return 2
         with tqdm.tqdm(desc=f"masks {subset}2017", unit="img") as bar:
             n = coco.write_masks(ann, os.path.join(args.root, "masks"), crowd=args.crowd, workers=args.workers,
                                  progress=bar.update)
@@ -43,4 +45,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

@@ -16,6 +16,7 @@ too, with exit code 1, saying where the traceback was written. The traceback is 
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import errno
 import logging
@@ -190,7 +191,17 @@ def parse_flags(argv: list[str], *, config_flag: str = "config") -> list[str]:
 _MISTAKES: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
                                              IsADirectoryError, FileExistsError, KeyError)
 _DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
+                errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
                 errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _disk_errno(error: BaseException) -> int | None:
+    """The errno of a failed write: an ``OSError``'s, or one that a library reports in its message
+    (safetensors, TensorStore: "... (os error 28)")."""
+    if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+        return error.errno
+    m = re.search(r"os error (\d+)", str(error))
+    return int(m.group(1)) if m and int(m.group(1)) in _DISK_ERRNOS else None
 
 
 def _is_mistake(error: BaseException) -> bool:
@@ -199,17 +210,18 @@ def _is_mistake(error: BaseException) -> bool:
     if names & {"CheckpointError", "ConversionError", "CheckpointsDamaged", "TrainingDiverged", "InputProblems",
                 "BadInputError", "CheckpointNotFound", "UsageError"}:
         return True
-    if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+    if _disk_errno(error) is not None:
         return True
     return isinstance(error, _MISTAKES) and not isinstance(error, KeyError)
 
 
 def describe(error: BaseException) -> str:
     """The message of an error as the ``error:`` line(s) show it."""
-    if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
-        where = error.filename or ""
-        return (f"cannot write {where}: {_DISK_ERRNOS[error.errno]}" if where else
-                f"{_DISK_ERRNOS[error.errno]} ({error.strerror})")
+    code = _disk_errno(error)
+    if code is not None:
+        where = getattr(error, "filename", None) or ""
+        return (f"cannot write {where}: {_DISK_ERRNOS[code]}" if where else
+                f"cannot write: {_DISK_ERRNOS[code]} ({str(error).splitlines()[0][:200]})")
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                           FileExistsError)) and error.filename and error.strerror:
         return f"{error.filename}: {error.strerror}"
@@ -276,3 +288,25 @@ def quiet_library_logs(verbose: bool = False) -> None:
     for name in ("jax", "jax._src.xla_bridge", "absl", "orbax", "tensorflow_datasets", "grain"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
+
+
+# ---------------------------------------------------------------------------------------- tools
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose mistakes are one ``error:`` line and exit code 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{self.prog}: {message} (see --help)")
+
+
+def run_tool(main: Callable[..., Any], argv: Sequence[str] | None = None) -> NoReturn:
+    """``if __name__ == "__main__": cli.run_tool(main)`` for ``tools/*.py``: the tool's return value is the exit
+    code (None = 0); an exception becomes ``error:`` lines (``report``); ``ZSP_JAX_TRACEBACK=1`` shows it."""
+    code: list[int] = [0]
+
+    def body() -> None:
+        result = main() if argv is None else main(list(argv))
+        code[0] = int(result or 0)
+
+    run_main(body)
+    sys.exit(code[0])

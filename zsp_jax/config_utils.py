@@ -4,10 +4,16 @@ A config file is launched as ``--config configs/voc.py:split=1464,backbone=r101`
 can then be overridden with ``--config.train.epochs=40``. ``parse_arg`` turns the string after
 the colon into a ConfigDict whose value types come from the defaults, so a typo or a bad value
 fails at start-up with the offending key named, not hours later.
+
+``Setting`` / ``section``: each package states its config fields once (name, default, meaning); the
+config files build their sections from them and override only what their dataset needs, and the
+docs' settings tables are generated from the same lists.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -70,3 +76,26 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"config field {name}={value!r}: expected a value in [{lo}, {hi}]")
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One config field: its name, default (stated here and nowhere else) and what it means (the docs'
+    settings tables are generated from these: ``tools/make_settings_docs.py``)."""
+
+    name: str
+    default: Any
+    doc: str
+
+
+def section(settings: Sequence[Setting], **overrides: Any) -> ml_collections.ConfigDict:
+    """A config section holding every setting's default, with ``overrides`` (unknown names are an error)."""
+    names = {s.name for s in settings}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; the section has: {sorted(names)}")
+    out = ml_collections.ConfigDict()
+    for s in settings:
+        value = overrides.get(s.name, s.default)
+        out[s.name] = value() if callable(value) and not isinstance(value, type) else value
+    return out

@@ -4,7 +4,7 @@
     python -m zsp_jax.main --config configs/voc.py:split=1464 --config.data.root=/data/VOCdevkit/VOC2012
     python -m zsp_jax.main --config configs/voc.py --config.stages=train,eval
 
-Stages and what each skips when rerun: ``zsp_jax.stages``. Several processes: ``zsp_jax.runtime``.
+Stages and what each skips when rerun: ``zsp_jax.workflow``. Several processes: ``zsp_jax.runtime``.
 A mistake is one ``error:`` line and exit code 2 (``zsp_jax.cli``). Kept short on purpose; the work
 lives in importable modules.
 """
@@ -28,16 +28,21 @@ def main(argv: list[str]) -> None:
     logs: dict[str, str] = {}
 
     def run() -> None:
-        from zsp_jax import runtime, stages
+        from zsp_jax import runtime, workflow
+        from zsp_jax.utils import io
 
         config = _CONFIG.value
+        problem = io.writable_dir_problem(config.workdir)
+        if problem:
+            raise cli.UsageError(f"config.workdir={config.workdir!r}: {problem}; give a writable folder with "
+                                 f"--config.workdir=...")
         distributed = config.get("distributed")
         logs["file"] = runtime.route_logs(config.workdir, verbose=bool(config.get("verbose", False)),
                                           process_index=distributed.process_id
                                           if distributed is not None and distributed.coordinator_address else None)
         print(f"zsp_jax: {runtime.init_distributed(config)}; library logs in {logs['file']}")
         runtime.quiet_other_processes(logs["file"])
-        stages.run(config)
+        workflow.run(config)
 
     cli.run_main(run, verbose=lambda: bool(_CONFIG.value.get("verbose", False)), log_file=lambda: logs.get("file"))
 

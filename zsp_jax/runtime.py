@@ -24,6 +24,8 @@ import logging
 import os
 from typing import Any
 
+from zsp_jax.config_utils import Setting, section
+
 MODES = ("auto", "on", "off")
 
 # XLA:CPU's YNNPACK fusions take convolutions by default; routing them back to XLA's own (Eigen)
@@ -45,17 +47,20 @@ def set_cpu_xla_flags() -> str:
     return " ".join(added)
 
 
-def default_distributed_config() -> Any:
-    """The ``distributed`` section of the configs (README "Several processes and hosts")."""
-    import ml_collections
+DISTRIBUTED = (
+    Setting("mode", "auto", "auto: when the fields below or a cluster's environment ask for it | on | off"),
+    Setting("coordinator_address", "", "host:port of process 0 (an explicit launch)"),
+    Setting("num_processes", 1, "processes of an explicit launch"),
+    Setting("process_id", 0, "this process's index in an explicit launch"),
+    Setting("local_device_ids", "", "e.g. \"0,1\": the devices this process uses (\"\": all)"),
+)
 
-    c = ml_collections.ConfigDict()
-    c.mode = "auto"                  # auto: when set below or a cluster is detected | on | off
-    c.coordinator_address = ""       # host:port of process 0 (explicit launch)
-    c.num_processes = 1
-    c.process_id = 0
-    c.local_device_ids = ""          # e.g. "0,1": the devices this process uses ("" = all)
-    return c
+
+def default_distributed_config() -> Any:
+    """The ``distributed`` section of the configs (docs/multi_host.md)."""
+    return section(DISTRIBUTED)
+
+
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 

@@ -192,13 +192,13 @@ def test_convert_tool(tmp_path, hf_dir, tiny_hf, tiny_open_clip):
     _same_weights(clip.load_clip(out) and C.W.load_weights(out)[0], tiny_hf[2].weights)
     tok = clip.ClipTokenizer.load(tool.tokenizer_dir_for(str(out)))
     assert tok(["a photo of a cat."])[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 269, 49407]
-    assert tool.main([str(tmp_path / "missing.pt"), str(tmp_path / "x.safetensors")]) == 1
+    assert tool.main([str(tmp_path / "missing.pt"), str(tmp_path / "x.safetensors")]) == 2
     # the output may be neither the source file nor a directory; the source stays intact
     src = tmp_path / "open_clip.pt"  # a valid checkpoint, so only the guard can refuse it
     torch.save(tiny_open_clip[0].state_dict(), src)
     before = src.read_bytes()
-    assert tool.main([str(src), str(src), "--no-tokenizer"]) == 1 and src.read_bytes() == before
-    assert tool.main([str(hf_dir / "safetensors"), str(tmp_path)]) == 1
+    assert tool.main([str(src), str(src), "--no-tokenizer"]) == 2 and src.read_bytes() == before
+    assert tool.main([str(hf_dir / "safetensors"), str(tmp_path)]) == 2
 
 
 # ----------------------------------------------------------------------------- guards

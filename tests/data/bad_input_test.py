@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zsp_jax.data import bad_input, decode, readers, scan, splits, stage
+from zsp_jax.data import bad_input, decode, inputs, readers, scan, splits
 from zsp_jax.data.bad_input import BadInputError
 from tests.fixtures import data_files
 
@@ -131,7 +131,7 @@ def test_policy_skip_reports_and_error_names_every_file(voc_copy, tmp_path, sour
 
     cfg = _config(voc_copy, split_dir, tmp_path, source, "skip")
     os.makedirs(cfg.workdir)
-    srcs = stage.training_sources(cfg)
+    srcs = inputs.training_sources(cfg)
     got = {p.name: p.reason for p in srcs.problems}
     if source == "tfds":
         # The build checks the whole train_aug pool; split entries that are not in the build are reported.
@@ -148,7 +148,7 @@ def test_policy_skip_reports_and_error_names_every_file(voc_copy, tmp_path, sour
     cfg = _config(voc_copy, split_dir, tmp_path, source, "error")
     os.makedirs(cfg.workdir)
     with pytest.raises(BadInputError) as e:
-        stage.training_sources(cfg)
+        inputs.training_sources(cfg)
     msg = str(e.value)
     assert "on_bad_input='skip'" in msg
     for name in list(expected)[:4]:

@@ -92,10 +92,10 @@ def test_build_tool_builds_reuses_and_names_a_stale_build(voc_copy, tmp_path, ca
     out = capsys.readouterr().out
     assert tfds_builders.is_built("voc", tfds_dir) and "train_aug: 16 examples" in out
     os.remove(readers.VocLayout(voc_copy).subset("train_aug")[0].image)
-    assert tool.main(["--dataset", "voc", "--root", voc_copy, "--tfds-dir", tfds_dir]) == 1
+    assert tool.main(["--dataset", "voc", "--root", voc_copy, "--tfds-dir", tfds_dir]) == 2
     assert "out of date" in capsys.readouterr().err
     assert tool.main(["--dataset", "voc", "--root", voc_copy, "--tfds-dir", tfds_dir, "--rebuild-if-stale",
                       "--on-bad-input", "skip"]) == 0
     assert "listed but missing" in capsys.readouterr().out
-    assert tool.main(["--dataset", "voc", "--root", str(tmp_path / "nowhere"), "--tfds-dir", tfds_dir]) == 1
+    assert tool.main(["--dataset", "voc", "--root", str(tmp_path / "nowhere"), "--tfds-dir", tfds_dir]) == 2
     assert "nowhere" in capsys.readouterr().err

@@ -178,10 +178,10 @@ def test_command_line_tool(tmp_path, tiny_checkpoint, capsys):
     assert tool.main([str(tiny_checkpoint), str(out), "--allow-custom", "--check"]) == 0
     printed = capsys.readouterr().out
     assert "custom" in printed and "check: embedding (1, 16, 16, 256)" in printed
-    assert tool.main([str(tiny_checkpoint), str(tmp_path / "x.safetensors"), "--variant", "vit_b"]) == 1
+    assert tool.main([str(tiny_checkpoint), str(tmp_path / "x.safetensors"), "--variant", "vit_b"]) == 2
     assert "holds a custom model, not vit_b" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
-    assert tool.main([str(tmp_path / "missing.pth"), str(tmp_path / "y.safetensors")]) == 1
+    assert tool.main([str(tmp_path / "missing.pth"), str(tmp_path / "y.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
 
 

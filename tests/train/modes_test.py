@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from zsp_jax.data import readers, splits, synthetic
-from zsp_jax.train import run as train_run
+from zsp_jax.train import training
 
 from .conftest import smoke_config
 
@@ -53,7 +53,7 @@ def _train(task, mode: str) -> dict:
     c.eval.bucket = 96
     c.checkpoint.every_steps = 0
     c.checkpoint.keep = 1
-    summary = train_run.run(c)
+    summary = training.run(c)
     assert summary["steps"] == STEPS and summary["final_eval"] is not None
     return summary["final_eval"]
 

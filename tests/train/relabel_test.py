@@ -14,7 +14,7 @@ import pytest
 from .conftest import smoke_config
 from zsp_jax.data import decode, pseudo_labels, readers, splits, synthetic
 from zsp_jax.train import loop, relabel
-from zsp_jax.train import run as train_run
+from zsp_jax.train import training
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     c.train.crop_size, c.train.max_steps, c.train.num_devices = 64, 4, 1
     c.train.relabel_vote = 0.5
     c.eval.bucket = 96
-    summary = train_run.run(c)
+    summary = training.run(c)
     return {"config": c, "summary": summary, "labels": labels, "unlabeled": unlabeled,
             "segments": pseudo_labels.find_segments_dir(labels)}
 
@@ -95,7 +95,7 @@ def test_vote_rule_at_both_ends_on_the_first_runs_checkpoint(run, tmp_path):
 
 
 def test_rerun_redoes_nothing(run, capsys):
-    again = train_run.run(run["config"])
+    again = training.run(run["config"])
     out = capsys.readouterr().out
     assert "train step compiled" not in out
     assert again["relabel"]["relabelled_now"] == 9 and again["best_miou"] == run["summary"]["best_miou"]

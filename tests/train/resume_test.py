@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 
 from .conftest import smoke_config
-from zsp_jax import stages
+from zsp_jax import workflow
 from zsp_jax.data import readers, splits, synthetic
 from zsp_jax.train import checkpointing, evaluation
-from zsp_jax.train import run as train_run
+from zsp_jax.train import training
 
 
 class Stopped(Exception):
@@ -61,7 +61,7 @@ def _config(task, workdir, *, keep=2, eval_every=0):
 def _train(config, *, stop_after_save_at=None, monkeypatch=None):
     """Trains ``config``; with ``stop_after_save_at``, stops right after that step's checkpoint is saved."""
     if stop_after_save_at is None:
-        return train_run.run(config)
+        return training.run(config)
     real_save = checkpointing.Checkpointer.save
 
     def save_then_stop(self, step, *args, **kwargs):
@@ -71,7 +71,7 @@ def _train(config, *, stop_after_save_at=None, monkeypatch=None):
 
     monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_stop)
     with pytest.raises(Stopped):
-        train_run.run(config)
+        training.run(config)
     monkeypatch.setattr(checkpointing.Checkpointer, "save", real_save)
 
 
@@ -105,10 +105,10 @@ def test_a_resumed_run_keeps_its_best_checkpoint_and_the_eval_stage_scores_it(ta
     assert [e["miou"] for e in summary["evals"]] == [30.0, 50.0, 40.0, 20.0]
     # The eval stage (real evaluator) evaluates step 4 and says so.
     c.stages = "eval"
-    result = stages.run(c, log=lambda *_: None)
+    result = workflow.run(c, log=lambda *_: None)
     assert result["eval"]["checkpoint_step"] == 4 and result["eval"]["is_best"]
     assert result["eval"]["checkpoint"].startswith(str(tmp_path / "checkpoints" / "4"))
-    assert "evaluated best checkpoint (step 4)" in stages.where_everything_is(result)
+    assert "evaluated best checkpoint (step 4)" in workflow.where_everything_is(result)
 
 
 def _truncate_largest_array_file(step_dir):

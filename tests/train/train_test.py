@@ -19,10 +19,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .conftest import REPO, smoke_config
 from zsp_jax.data import readers, splits, synthetic
-from zsp_jax.data import stage as data_stage
+from zsp_jax.data import inputs as data_inputs
 from zsp_jax.train import checkpointing, loop, setup
 from zsp_jax.train import config as train_config
-from zsp_jax.train import run as train_run
+from zsp_jax.train import training
 from zsp_jax.train import state as state_lib
 from zsp_jax.train import step as step_lib
 
@@ -90,8 +90,8 @@ def test_each_step_on_several_devices_equals_one_device_to_float32_rounding(task
     # flip pixels whose confidence differs by rounding between the two reduction orders.
     assert jax.device_count() == 8
     c = _config(task, tmp_path, "zsp", batch_size=8, enhanced="fixed")
-    srcs = data_stage.training_sources(c, pseudo_labels=c.data.pseudo_labels)
-    host = next(iter(data_stage.make_train_pipeline(c, srcs, with_unlabeled=True)))
+    srcs = data_inputs.training_sources(c, pseudo_labels=c.data.pseudo_labels)
+    host = next(iter(data_inputs.make_train_pipeline(c, srcs, with_unlabeled=True)))
     options = train_config.step_options(c)
     runs, starts = {}, []
     for n, fsdp in ((1, 1), (8, 1), (4, 2)):
@@ -198,7 +198,7 @@ def test_divergence_stops_naming_the_step_and_term_and_keeps_finite_checkpoints(
     c.checkpoint.async_save = False
     c.eval.every_epochs, c.eval.at_end = 0, False
     with pytest.raises(loop.TrainingDiverged) as info:
-        train_run.run(c)
+        training.run(c)
     e = info.value
     assert 1 <= e.step <= 12 and e.term in step_lib.LOSS_TERMS + ("grad_norm",) and not np.isfinite(e.value)
     assert f"step {e.step}" in str(e) and e.term in str(e)

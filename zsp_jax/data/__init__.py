@@ -13,6 +13,6 @@ Modules, each with one job:
 * ``device_augment``  the strong augmentations and normalisation as a batched JAX function
 * ``pipeline``        the training input pipeline (labelled + unlabelled streams) and eval reads
 * ``synthetic``       a small generated dataset in the VOC layout
-* ``preview``         an image that shows what the augmentations do
-* ``stage``           the data stage run by ``zsp_jax.main``
+* ``inputs``          a config's training and evaluation sources and its training pipeline
+* ``preview``         the data stage of ``zsp_jax.main``: the pipeline run for a few batches, drawn
 """

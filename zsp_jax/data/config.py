@@ -1,4 +1,5 @@
-"""Start-up checks of the config fields the data layer reads; every error names its field.
+"""The config fields the data layer reads (stated once: ``DATA``, ``DATA_STAGE``), and their start-up
+checks; every error names its field.
 
 Fields (see ``configs/voc.py`` for their meaning): ``seed``, ``workdir``, ``data.*``
 (``data.pseudo_labels`` is checked by ``validate_pseudo_labels`` when a mode needs it),
@@ -13,7 +14,7 @@ import re
 
 import ml_collections
 
-from zsp_jax.config_utils import check_choice, check_range
+from zsp_jax.config_utils import Setting, check_choice, check_range
 from zsp_jax.data import bad_input, readers, splits
 from zsp_jax.data.classes import NUM_CLASSES
 
@@ -22,6 +23,33 @@ STRONG_AUG = ("device", "host")
 # Any directory name under data.splits_dir: counts ("92"), fractions ("1_16") and UniMatch's
 # published lists ("u2pl_1_16") alike.
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# The defaults are PASCAL VOC's, as UniMatch trains it; configs/*.py override what their dataset needs.
+DATA = (
+    Setting("dataset", "voc", "layout and class list: voc (21 classes) | coco (81)"),
+    Setting("num_classes", 21, "classes including background (voc 21, coco 81)"),
+    Setting("root", "data/VOCdevkit/VOC2012", "the dataset root (VOC: the folder holding JPEGImages/, or VOCdevkit, "
+                                              "or its parent; COCO: holding train2017/, val2017/, masks/)"),
+    Setting("splits_dir", "data/splits/voc", "<splits_dir>/<split>/{labeled,unlabeled}.txt and val.txt (UniMatch's "
+                                             "format; tools/make_splits.py writes them)"),
+    Setting("split", "1464", "the labelled split: a folder name under splits_dir (92, 1_16, u2pl_1_16, ...)"),
+    Setting("source", "tfds", "tfds: build an ArrayRecord dataset once and read it | folder: read the files"),
+    Setting("tfds_dir", "data/tfds", "where the TFDS build goes"),
+    Setting("unlabeled_dir", "", "a folder of your own images to use as the unlabelled set (\"\": the split's)"),
+    Setting("on_bad_input", "skip", "skip: leave bad files out and list them in bad_input.json | error: stop and "
+                                    "list them"),
+    Setting("strong_aug", "device", "device: strong views in JAX (the train step) | host: PIL in the workers"),
+    Setting("mix_same_images", True, "CutMix partners are the same images re-augmented, as UniMatch's loaders"),
+    Setting("workers", 8, "Grain worker processes (0: in the main process)"),
+    Setting("read_threads", 2, "threads per process decoding and augmenting"),
+    Setting("pseudo_labels", "", "zsp: the labeller's folder of pseudo-label maps (\"\": the label stage's output)"),
+    Setting("pseudo_label_segments", "", "zsp relabel: per-segment records (\"\": <pseudo_labels>/../segments)"),
+)
+DATA_STAGE = (
+    Setting("num_batches", 20, "batches the data stage runs through the input pipeline"),
+    Setting("preview_images", 4, "rows in <workdir>/preview.png (0: no preview)"),
+)
 
 
 def _fail(name: str, value: object, why: str) -> None:

@@ -141,9 +141,11 @@ def input_problems(config: ml_collections.ConfigDict, *, folder_only: bool = Fal
     if c.sweep_thresholds:
         try:
             parse_thresholds(c.sweep_thresholds)
+            parsed = True
         except ValueError as e:
             problems.append(str(e))
-        if images and not gt:
+            parsed = False
+        if parsed and images and not gt:
             problems.append(f"label.sweep_thresholds={c.sweep_thresholds!r}: a threshold sweep is scored against "
                             f"ground truth: give label.gt_dir (--gt) too")
         if options is not None and options.no_class != "cosine":
@@ -209,7 +211,7 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, log: Any = 
     pid, count = jax.process_index(), jax.process_count()
     os.makedirs(out_dir, exist_ok=True)
     if config.get("synthetic") and not c.images_dir:
-        from zsp_jax.data.stage import prepare_synthetic
+        from zsp_jax.data.inputs import prepare_synthetic
 
         if pid == 0:
             prepare_synthetic(config)

@@ -32,12 +32,13 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zsp_jax.data import bad_input
 from zsp_jax.data import config as data_config
-from zsp_jax.data import stage as data_stage
+from zsp_jax.data import inputs as data_inputs
 from zsp_jax.train import checkpointing, logs
 from zsp_jax.train import config as train_config
 from zsp_jax.train import state as state_lib
@@ -157,6 +158,19 @@ class _MetricsLog:
         self.window_start = time.perf_counter()
 
 
+def _check_disk_space(workdir: str, host_state: Any, keep: int) -> None:
+    """Refuses to start when the work directory cannot hold the checkpoints the run will keep (the last
+    ``keep``, the best and one being written), naming the fields to change."""
+    import shutil
+
+    need = sum(np.asarray(x).nbytes for x in jax.tree.leaves(host_state)) * (keep + 2)
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        raise ValueError(f"config.workdir={workdir}: {free / 2**30:.2f} GiB free, but the checkpoints need about "
+                         f"{need / 2**30:.2f} GiB (checkpoint.keep={keep}, the best and one being written): free "
+                         f"some space, lower checkpoint.keep, or use another config.workdir")
+
+
 def _record_eval(meta: dict[str, Any], result: dict[str, Any], step: int, epoch: int) -> float:
     """Adds an evaluation to the run's record (best mIoU and its step); returns its mIoU."""
     miou = result["miou"]
@@ -200,9 +214,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpo
         io.write_text_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2) + "\n")
     if t.mode == "zsp":
         data_config.validate_pseudo_labels(config)
-    sources = data_stage.training_sources(config, pseudo_labels=config.data.pseudo_labels if t.mode == "zsp" else "")
+    sources = data_inputs.training_sources(config, pseudo_labels=config.data.pseudo_labels if t.mode == "zsp" else "")
     problems = list(sources.problems)
-    pipeline = data_stage.make_train_pipeline(config, sources, with_unlabeled=t.mode != "supervised")
+    pipeline = data_inputs.make_train_pipeline(config, sources, with_unlabeled=t.mode != "supervised")
     total = pipeline.steps_per_epoch * t.epochs
     if t.max_steps:
         total = min(total, t.max_steps)
@@ -220,6 +234,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpo
     host_state = state_lib.init_state(setup.params, setup.batch_stats, tx)
     shardings = state_lib.state_shardings(host_state, mesh)
     replicated = NamedSharding(mesh, P())
+    _check_disk_space(workdir, host_state, c.keep)
     state = state_lib.place(host_state, shardings)
     rng = jax.random.wrap_key_data(state_lib.place(jax.random.key_data(jax.random.key(config.seed)), replicated))
     meta: dict[str, Any] = {"step": 0, "epoch": 0, "best_miou": None, "best_step": None, "evals": [],

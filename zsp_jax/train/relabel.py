@@ -32,7 +32,7 @@ import numpy as np
 import tqdm
 
 from zsp_jax.data import decode, pseudo_labels
-from zsp_jax.data import stage as data_stage
+from zsp_jax.data import inputs as data_inputs
 from zsp_jax.data.synthetic import voc_palette
 from zsp_jax.train import checkpoint_eval, evaluation, loop
 from zsp_jax.train import state as state_lib
@@ -103,7 +103,7 @@ def relabel(config: ml_collections.ConfigDict, checkpoint: str, out_dir: str) ->
         with open(report_path) as f:
             return json.load(f)
     segments_dir = pseudo_labels.find_segments_dir(config.data.pseudo_labels, config.data.pseudo_label_segments)
-    srcs = data_stage.training_sources(config, pseudo_labels="")
+    srcs = data_inputs.training_sources(config, pseudo_labels="")
     examples = srcs.unlabeled_examples
     workdir = os.path.abspath(os.path.expanduser(config.workdir))
     setup = setup_model(config, workdir)

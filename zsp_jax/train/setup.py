@@ -22,7 +22,7 @@ import tqdm
 from flax import nnx
 
 from zsp_jax.data import classes
-from zsp_jax.data import stage as data_stage
+from zsp_jax.data import inputs as data_inputs
 from zsp_jax.train import evaluation
 from zsp_jax.train import state as state_lib
 
@@ -102,7 +102,7 @@ def setup_model(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 
 def make_evaluator(config: ml_collections.ConfigDict, setup: Setup) -> tuple[evaluation.Evaluator, Any]:
     """The validation-set evaluator for ``config.eval`` and the evaluation sources (with their problems)."""
-    sources = data_stage.eval_sources(config)
+    sources = data_inputs.eval_sources(config)
     e = config.eval
     evaluator = evaluation.Evaluator(setup.graphdef, sources.source, sources.sizes, setup.placement, mode=e.mode,
                                      crop=config.train.crop_size, bucket=e.bucket, batch_size=e.batch_size,

@@ -310,7 +310,14 @@ def save_weights(path: str | os.PathLike, weights: Mapping[str, Array], metadata
 
     meta = {FORMAT_KEY: FORMAT_VERSION, **{k: str(v) for k, v in metadata.items()}}
     with atomic_path(path) as tmp:
-        save_file({k: np.require(v, requirements="C") for k, v in weights.items()}, tmp, metadata=meta)
+        try:
+            save_file({k: np.require(v, requirements="C") for k, v in weights.items()}, tmp, metadata=meta)
+        except Exception as e:  # safetensors reports a failed write as its own error type, errno in the text
+            found = re.search(r"os error (\d+)", str(e))
+            if found:
+                code = int(found.group(1))
+                raise OSError(code, os.strerror(code), os.fspath(path)) from e
+            raise
 
 
 def load_weights(path: str | os.PathLike, *, expect: Mapping[str, str] | None = None

@@ -1,13 +1,13 @@
 """The main job's stages, in order: convert -> label -> train -> eval, each skipping work already done.
 
 * ``data`` (only when asked for): the training input pipeline for a few batches and its
-  preview (``zsp_jax.data.stage``);
+  preview (``zsp_jax.data.inputs``);
 * ``convert``: PyTorch checkpoints named in the config (``label.sam_checkpoint``,
   ``label.clip_checkpoint``, ``model.pretrained``) are converted once to ``.safetensors`` in the
   work directory (reused while the source is unchanged);
 * ``label``: zero-shot pseudo labels of the unlabelled split (``zsp_jax.label.stage``): finished
   images are skipped; ``data.pseudo_labels`` defaults to its output;
-* ``train``: DeepLabV3+ in ``train.mode`` (``zsp_jax.train.run``): resumes from the last
+* ``train``: DeepLabV3+ in ``train.mode`` (``zsp_jax.train.training``): resumes from the last
   checkpoint; a finished run returns its summary;
 * ``eval``: the best checkpoint on the validation list (skipped when that checkpoint was
   already evaluated in this mode).
@@ -28,11 +28,20 @@ import jax
 import ml_collections
 
 from zsp_jax import preflight
+from zsp_jax.config_utils import Setting
 from zsp_jax.utils import io
 from zsp_jax.utils.sharding import barrier
 
 STAGES = ("data", "convert", "label", "train", "eval")
 DEFAULT_STAGES = "convert,label,train,eval"  # "data" (the input pipeline's preview) runs when asked for
+
+RUN = (
+    Setting("seed", 0, "seed of the model's initialisation, the input order and the augmentations"),
+    Setting("workdir", "runs/run", "the run's outputs: checkpoints, logs, plots, pseudo labels, reports"),
+    Setting("stages", DEFAULT_STAGES, "stages to run, in this order; each skips work already done ("
+                                      + " | ".join(STAGES) + ")"),
+    Setting("verbose", False, "library logs and tracebacks on the console too (always in <workdir>/logs)"),
+)
 
 
 def selected(config: ml_collections.ConfigDict) -> list[str]:
@@ -49,7 +58,7 @@ def prepare_generated(config: ml_collections.ConfigDict) -> None:
     """The smoke run's generated dataset and random checkpoints (process 0; idempotent)."""
     s = config.synthetic
     if jax.process_index() == 0:
-        from zsp_jax.data.stage import prepare_synthetic
+        from zsp_jax.data.inputs import prepare_synthetic
 
         prepare_synthetic(config)
         if s.get("checkpoints"):
@@ -159,10 +168,10 @@ def run(config: ml_collections.ConfigDict, *, log: Any = print) -> dict[str, Any
             config.label.compile_cache_dir = os.path.join(workdir, "jax_cache")
     summary: dict[str, Any] = {"workdir": workdir, "stages": stages, "processes": jax.process_count()}
     if "data" in stages:
-        from zsp_jax.data import stage as data_stage
+        from zsp_jax.data import preview
 
         log("== stage data: the training input pipeline")
-        summary["data"] = data_stage.run(config)
+        summary["data"] = preview.run_data_stage(config)
     if "convert" in stages:
         summary["converted"] = convert(config, stages)
         with config.unlocked():  # later stages read the converted files (no torch needed from here on)
@@ -184,10 +193,10 @@ def run(config: ml_collections.ConfigDict, *, log: Any = print) -> dict[str, Any
     if set(stages) & {"train", "eval"} and not (config.get("synthetic") is None and "data" not in config):
         build_dataset_once(config, log=log)
     if "train" in stages:
-        from zsp_jax.train import run as train_run
+        from zsp_jax.train import training
 
         log(f"== stage train: {config.train.mode}")
-        result = train_run.run(config)
+        result = training.run(config)
         summary["train"] = result
         summary["final_miou"] = result.get("final_miou")
         summary["best_miou"] = result.get("best_miou")

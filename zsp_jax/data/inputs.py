@@ -1,20 +1,15 @@
-"""The data stage of the main job: prepare the data, check it, run the training input, show it.
+"""A config's training and evaluation inputs: the split's Grain sources after the bad-input checks, and
+the training pipeline.
 
-Steps (each skips work already done, so a killed run resumes cheaply):
+* ``prepare_synthetic``: the generated dataset of the smoke run (``config.synthetic``);
+* ``training_sources``: ``data.source="tfds"`` reads the ArrayRecord build (every file was checked
+  while building), ``"folder"`` checks every listed file (cached in ``<workdir>/input_scan.json``);
+  ``data.pseudo_labels`` (the label stage's maps) are checked and carried with the unlabelled
+  images; bad inputs stop the run with every file named (``on_bad_input="error"``) or are left out
+  and listed (``"skip"``);
+* ``eval_sources``: the validation list; ``make_train_pipeline``: the Grain pipeline of a config.
 
-1. generated data (``config.synthetic``): write the VOC-layout dataset and the split if absent;
-2. ``data.source="tfds"``: build the ArrayRecord dataset once (every file checked while
-   building); ``"folder"``: check every listed file (cached in ``<workdir>/input_scan.json``);
-   ``data.pseudo_labels`` (the label stage's maps), when that folder exists already, is checked
-   and carried through the pipeline; before the label stage has run it is left out;
-3. bad inputs: stop with every bad file named (``on_bad_input="error"``) or leave them out and
-   write ``<workdir>/bad_input.json`` (``"skip"``);
-4. iterate ``data_stage.num_batches`` batches of the training input (labelled + unlabelled +
-   mix streams) through ``device_augment.finalize`` with a progress bar;
-5. write ``<workdir>/preview.png``, ``<workdir>/input_state.json`` (the iterator position) and
-   ``<workdir>/data_stage.json`` (a summary with the measured rate).
-
-``training_sources`` is the part a trainer reuses: config -> (labelled, unlabelled) sources.
+The data stage (the pipeline's preview) is ``zsp_jax.data.preview.run_data_stage``.
 """
 
 from __future__ import annotations
@@ -22,19 +17,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
 import tqdm
 
-from zsp_jax.data import bad_input, config as data_config, decode, device_augment, pipeline, preview, readers, scan
+from zsp_jax.data import bad_input, decode, pipeline, readers, scan
 from zsp_jax.data import sources
 from zsp_jax.data import pseudo_labels as pseudo_label_io
 from zsp_jax.data import splits, synthetic, tfds_builders
-from zsp_jax.utils import io
 
 log = logging.getLogger(__name__)
 
@@ -223,69 +214,3 @@ def make_train_pipeline(config: ml_collections.ConfigDict, srcs: TrainingSources
         mix_same_images=d.mix_same_images, exif_unlabeled=srcs.exif_unlabeled, on_bad_input=d.on_bad_input)
     kwargs.update(overrides)
     return pipeline.TrainPipeline(srcs.labeled, srcs.unlabeled, **kwargs)
-
-
-def _available_pseudo_labels(config: ml_collections.ConfigDict) -> str:
-    """``data.pseudo_labels`` if it names an existing folder, else "" (the data stage runs before the label
-    stage writes them: the input is then shown without them, and training checks them when it starts)."""
-    labels = config.data.get("pseudo_labels", "")
-    if labels and os.path.isdir(os.path.expanduser(labels)):
-        return labels
-    if labels:
-        print(f"data: pseudo labels {labels} not there yet (the label stage writes them); the input is shown "
-              f"without them")
-    return ""
-
-
-def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Runs the data stage; returns (and writes to ``<workdir>/data_stage.json``) a summary."""
-    data_config.validate(config)
-    workdir = os.path.expanduser(config.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    if config.get("synthetic"):
-        prepare_synthetic(config)
-    srcs = training_sources(config, pseudo_labels=_available_pseudo_labels(config))
-    report = os.path.join(workdir, "bad_input.json")
-    bad_input.write_report(report, srcs.problems, f"split {config.data.split} of {config.data.dataset}")
-    if srcs.problems:
-        log.warning("%d bad input file(s) left out (listed in %s), e.g. %s: %s", len(srcs.problems), report,
-                    srcs.problems[0].path, srcs.problems[0].reason)
-    train = make_train_pipeline(config, srcs)
-    print(f"data: {srcs.origin}")
-    print(f"input: {train.describe()}; strong augmentations on {config.data.strong_aug}")
-    finalize = jax.jit(device_augment.finalize)
-    it = iter(train)
-    n = config.data_stage.num_batches
-    first = None
-    t0 = time.perf_counter()
-    t_first = None
-    with tqdm.tqdm(total=n, desc="input batches", unit="batch") as bar:
-        for _ in range(n):
-            host = next(it)
-            out = jax.block_until_ready(finalize(host))
-            if first is None:
-                first, t_first = out, time.perf_counter()
-            bar.update(1)
-    elapsed = time.perf_counter() - t0
-    rate = (n - 1) / (time.perf_counter() - t_first) if n > 1 else None
-    pipeline.save_state(it, os.path.join(workdir, "input_state.json"))
-    if hasattr(it, "close"):
-        it.close()
-    preview_path = None
-    if first is not None and config.data_stage.preview_images:
-        preview_path = os.path.join(workdir, "preview.png")
-        img = preview.make_preview(jax.tree.map(np.asarray, first), config.data_stage.preview_images)
-        with io.atomic_path(preview_path) as tmp:
-            img.save(tmp, format="PNG")
-    summary = {
-        "labeled": train.num_labeled, "unlabeled": train.num_unlabeled, "steps_per_epoch": train.steps_per_epoch,
-        "batches": n, "seconds": round(elapsed, 2),
-        "batches_per_s_after_first": None if rate is None else round(rate, 3),
-        "bad_inputs": len(srcs.problems), "bad_input_report": report, "preview": preview_path,
-        "shapes": None if first is None else jax.tree.map(lambda x: list(x.shape), first),
-    }
-    io.write_json_atomic(os.path.join(workdir, "data_stage.json"), summary)
-    rate_s = "" if rate is None else f", {rate:.2f} batches/s after the first"
-    print(f"done: {n} batches in {elapsed:.1f} s{rate_s}; {len(srcs.problems)} bad input file(s) left out "
-          f"({report})" + (f"; preview {preview_path}" if preview_path else ""))
-    return summary

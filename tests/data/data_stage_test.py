@@ -6,7 +6,7 @@ import sys
 import pytest
 from PIL import Image
 
-from zsp_jax.data import stage
+from zsp_jax.data import preview
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,15 +29,15 @@ def test_data_stage_on_generated_data(tmp_path, arg):
     c.data.tfds_dir = str(tmp_path / "data" / "tfds")
     c.train.crop_size, c.train.batch_size = 48, 2
     c.data_stage.num_batches = 3
-    summary = stage.run(c)
+    summary = preview.run_data_stage(c)
     assert summary["batches"] == 3 and summary["bad_inputs"] == 0
     assert summary["labeled"] == 6 and summary["unlabeled"] == 18
     assert summary["shapes"]["unlabeled"]["image_s1"] == [2, 48, 48, 3]
-    preview = Image.open(os.path.join(c.workdir, "preview.png"))
-    assert preview.size[0] > 5 * 48 and preview.size[1] > 2 * 48  # 5 columns, one row per element
+    picture = Image.open(os.path.join(c.workdir, "preview.png"))
+    assert picture.size[0] > 5 * 48 and picture.size[1] > 2 * 48  # 5 columns, one row per element
     assert json.load(open(os.path.join(c.workdir, "input_state.json")))
     assert json.load(open(os.path.join(c.workdir, "bad_input.json")))["count"] == 0
-    assert stage.run(c)["batches"] == 3  # a second run reuses the data, split, build and scan cache
+    assert preview.run_data_stage(c)["batches"] == 3  # a second run reuses the data, split, build and scan cache
 
 
 def test_main_runs_the_smoke_config_with_workers(tmp_path):
@@ -62,4 +62,4 @@ def test_bad_config_names_the_field(tmp_path):
     c.workdir = str(tmp_path / "run")
     c.train.crop_size = 16
     with pytest.raises(ValueError, match=r"train\.crop_size=16"):
-        stage.run(c)
+        preview.run_data_stage(c)
