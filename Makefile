@@ -1,6 +1,8 @@
 # The two commands of the README, for a fresh Linux machine with Python >= 3.11:
 #   make run    set up .venv and run the main job on its embedded default (configs/smoke.py)
-#   make test   set up .venv and run the whole test suite
+#   make test   set up .venv and run the whole test suite (what CI runs)
+# and, for the edit loop, make test-fast: the unit and parity tests, without whole-job, kill-and-resume,
+# multi-process and real-size tests (tests/conftest.py marks them slow).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +13,7 @@ PYTEST_ARGS ?=
 # XLA compilation and subprocess start-up, which a second worker overlaps; use more on bigger machines.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test clean-venv
+.PHONY: setup run test test-fast clean-venv
 
 setup: $(STAMP)
 
@@ -30,8 +32,12 @@ $(STAMP): requirements.lock pyproject.toml
 run: setup
 	$(PY) -m zsp_jax.main --config $(CONFIG)
 
+# --durations: the 15 slowest tests are listed at the end of each run.
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not slow" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,7 +15,7 @@ import ml_collections
 
 from zsp_jax.config_utils import check_choice, parse_arg, section
 from zsp_jax.data.config import DATA, DATA_STAGE
-from zsp_jax.label.options import default_label_config
+from zsp_jax.label.options import LABEL
 from zsp_jax.runtime import DISTRIBUTED
 from zsp_jax.workflow import RUN
 from zsp_jax.train.config import CHECKPOINT, EVAL, MODEL, TRAIN
@@ -39,12 +39,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = section(MODEL, backbone=a.backbone, pretrained="weights/xception.pth")
     c.eval = section(EVAL)
     c.checkpoint = section(CHECKPOINT)
-    c.label = default_label_config()             # zero-shot pseudo labels (docs/settings.md, label)
-    c.label.classes = "coco"                     # 80 COCO classes in UniMatch's order
-    c.label.sam_checkpoint = "weights/sam_vit_h_4b8939.pth"  # SET: SAM ViT-H (.pth, or converted .safetensors)
-    c.label.sam_variant = "vit_h"                # the run checks the file holds this ("" accepts any)
-    c.label.clip_checkpoint = "weights/ViT-B-16.pt"          # SET: OpenAI CLIP ViT-B/16 (GEM's default model)
-    c.label.clip_variant = "vit_b16"             # checked likewise ("" accepts any)
+    # zero-shot pseudo labels (docs/settings.md, label)
+    c.label = section(LABEL, classes="coco",    # 80 COCO classes in UniMatch's order
+                      sam_checkpoint="weights/sam_vit_h_4b8939.pth",  # SET: SAM ViT-H (.pth, or converted .safetensors)
+                      sam_variant="vit_h",       # the run checks the file holds this ("" accepts any)
+                      clip_checkpoint="weights/ViT-B-16.pt",  # SET: OpenAI CLIP ViT-B/16 (GEM's default model)
+                      clip_variant="vit_b16")    # checked likewise ("" accepts any)
     c.distributed = section(DISTRIBUTED)         # several processes (jax.distributed): docs/multi_host.md
     c.data_stage = section(DATA_STAGE)
     return c

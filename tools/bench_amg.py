@@ -102,19 +102,21 @@ def time_phases(model, options, image, *, decoder_group: int = 4, mask_chunk: in
         return fn(*args)
 
     threshold = o.pred_iou_thresh if o.pred_iou_thresh > 0 else 0.0
+    filtered = (f"upscaling skipped below the IoU filter ({threshold})" if threshold > 0
+                else "no IoU filter (pred_iou_thresh <= 0): every prompt upscaled")
     emb = timed("SAM encoder", embed, state, inputs.images[0][:, 0])
     ctx = timed("decoder image context", context, state, emb)
     timed("prompt decoding, transformer only (every upscaling skipped)", decode, state, ctx, 1e9)
     timed("prompt decoding, every prompt upscaled", decode, state, ctx, 0.0)
-    low, iou = timed(f"prompt decoding, upscaling skipped below the IoU filter ({threshold})", decode, state, ctx,
-                     threshold)
+    low, iou = timed(f"prompt decoding, {filtered}", decode, state, ctx, threshold)
     keep, stability, boxes, _ = timed("IoU filter + stability scores + boxes + crop-edge filter", filters, low, iou)
     idx, valid, count = timed("box NMS", nms, boxes, iou, keep)
     timed("kept masks at full resolution (upsampled and thresholded, mask_chunk at a time)", masks, low, idx, valid)
     timed("generate_padded as the labeller calls it (all of the above but the kept masks)", whole, state, inputs)
-    n_iou = int(jnp.sum(iou > o.pred_iou_thresh))
-    print(f"   candidates {iou.size}, above the IoU filter {n_iou}, after stability and edge {int(keep.sum())}, "
-          f"after NMS {int(count[0])}")
+    n_iou = int(jnp.sum(iou > o.pred_iou_thresh)) if o.pred_iou_thresh > 0 else iou.size
+    upscaled = int(jnp.sum(jnp.any(iou.reshape(-1, 3) > threshold, axis=1))) if threshold > 0 else iou.size // 3
+    print(f"   candidates {iou.size}, above the IoU filter {n_iou} (prompts upscaled {upscaled} of {iou.size // 3}), "
+          f"after stability and edge {int(keep.sum())}, after NMS {int(count[0])}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--size", default="480x640", help="image size HxW")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false")
+    p.add_argument("--iou-quantile", type=float, default=0.5,
+                   help="calibrate pred_iou_thresh at this quantile of the probe's predicted IoUs (random weights put "
+                        "the median below 0, which turns the filter off; 0.75 keeps about a quarter of the candidates)")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--decoder", default="amg", choices=["amg", "model"])
     p.add_argument("--phases", action="store_true", help="time each step of our exact mode on one image and stop")
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                                                          stability_score_thresh=0.0, stability_score_offset=0.05,
                                                          box_nms_thresh=1.0, mode="fast"),
                                        decoder=args.decoder).generate(images[0])
-        iou_t = float(np.median([r["predicted_iou"] for r in probe]))
+        iou_t = float(np.quantile([r["predicted_iou"] for r in probe], args.iou_quantile))
         stab_t = float(np.median([r["stability_score"] for r in probe]))
         base = base.replace(pred_iou_thresh=round(iou_t, 4), stability_score_thresh=round(stab_t, 4))
     print(f"   options: pred_iou_thresh={base.pred_iou_thresh} stability_score_thresh={base.stability_score_thresh} "

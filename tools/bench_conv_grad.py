@@ -1,6 +1,6 @@
 """Benchmark: the gradients of DeepLabV3+'s dense 3x3 convolutions, ours (XLA) against PyTorch's (oneDNN on CPU).
 
-The train step's gap to PyTorch on CPU sits in the convolutions' backward (README "Train step and what
+The train step's gap to PyTorch on CPU sits in the convolutions' backward (docs/benchmarks.md "Train step and what
 limits it on CPU"). This tool times, per conv of the R101 train step (batch 4 at 321x321, output stride 16),
 on the same random input, kernel and output gradient:
 

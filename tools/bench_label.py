@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--agreement", action="store_true", help="pooling (and --bf16) label agreement")
     p.add_argument("--bf16", action="store_true", help="with --agreement: bfloat16 vs float32 labels")
     p.add_argument("--mixed-sizes", type=int, default=0, help="label N images of N sizes; print the compile share")
+    p.add_argument("--iou-quantile", type=float, default=0.5,
+                   help="pred_iou_thresh at this quantile of the probe's predicted IoUs (the median is below 0 with "
+                        "random weights, which turns the filter off; 0.75 keeps about a quarter of the candidates)")
     from zsp_jax.utils.bench import add_precision_flag
 
     add_precision_flag(p)
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     c.clip_size = args.clip_size
     c.amg.points_per_side = args.points_per_side
     c.amg.stability_score_offset = 0.05
-    c.amg.pred_iou_thresh = round(float(np.median([r["predicted_iou"] for r in probe])), 4)
+    c.amg.pred_iou_thresh = round(float(np.quantile([r["predicted_iou"] for r in probe], args.iou_quantile)), 4)
     c.amg.stability_score_thresh = round(float(np.median([r["stability_score"] for r in probe])), 4)
     c.threshold = 0.0
     options = LabelOptions.from_config(c, load_classes("voc"))

@@ -14,14 +14,27 @@ loss on both sides (their relative difference).
 Defaults are UniMatch's PASCAL setting per GPU: ResNet-101 (deep stem), crop 321, 2 labelled + 2
 unlabelled images, 21 classes.
 
+``--family v2``: the UniMatch V2 step, ours (``zsp_jax.train.v2_step.make_update_fn_v2``: the EMA
+teacher's forward of the weak views, CutMix with the flipped batch, one student forward of
+``[labelled; strong 1; strong 2]`` with complementary dropout, AdamW, the EMA update) against V2's
+iteration in PyTorch eager (``zsp_jax.references.unimatch_v2_step``: ``model_ema(img_u_w)``,
+``model(img_x)``, ``model(cat(s1, s2), comp_drop=True)``, ``backward()``, AdamW, the EMA of every
+parameter), on the same randomised DINOv2 + DPT weights (per ``--encoders``: s = ViT-S/14, b =
+ViT-B/14; the reference's encoder is transformers' ``Dinov2Model`` with DINOv2's positional
+resampling, ``zsp_jax.references.dinov2``), batch, CutMix boxes and complementary-dropout mask.
+Defaults are V2's PASCAL setting per GPU: crop 518, 4 labelled + 4 unlabelled images, 21 classes.
+
   python tools/bench_train.py                           # unimatch and zsp, R101, 321, 2+2
   python tools/bench_train.py --backbone resnet50 --size 161 --modes unimatch
   python tools/bench_train.py --dtype bfloat16          # ours in bf16 compute, fp32 master weights
+  python tools/bench_train.py --family v2               # unimatch_v2 and zsp, DINOv2-S and -B, 518, 4+4
+  python tools/bench_train.py --family v2 --size 126 --batch 2 --encoders s   # a CPU-sized run
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 from zsp_jax import cli
@@ -31,11 +44,15 @@ def parse_args() -> argparse.Namespace:
     from zsp_jax.utils import bench
 
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="deeplab", choices=("deeplab", "v2"),
+                   help="deeplab: UniMatch V1's step; v2: UniMatch V2's (DINOv2 + DPT, AdamW, EMA teacher)")
     p.add_argument("--backbone", default="resnet101", choices=("resnet50", "resnet101", "xception65"))
-    p.add_argument("--size", type=int, default=321, help="crop size")
-    p.add_argument("--batch", type=int, default=2, help="labelled (= unlabelled) images per step")
+    p.add_argument("--encoders", default="s,b", help="v2: DINOv2 encoders, comma-separated (s, b, l, g)")
+    p.add_argument("--size", type=int, default=None, help="crop size (default 321; v2: 518, a multiple of 14)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="labelled (= unlabelled) images per step (default 2; v2: 4, V2's per GPU)")
     p.add_argument("--num-classes", type=int, default=21)
-    p.add_argument("--modes", default="unimatch,zsp")
+    p.add_argument("--modes", default=None, help="default unimatch,zsp (v2: unimatch_v2,zsp)")
     p.add_argument("--conf-thresh", type=float, default=0.95)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="our compute dtype")
     p.add_argument("--repeats", type=int, default=3)
@@ -43,7 +60,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--phases", action="store_true",
                    help="also time the forward apart from backward + optimiser (ours: one more program)")
     bench.add_precision_flag(p)
-    return p.parse_args()
+    args = p.parse_args()
+    v2 = args.family == "v2"
+    args.size = args.size or (518 if v2 else 321)
+    args.batch = args.batch or (4 if v2 else 2)
+    args.modes = args.modes or ("unimatch_v2,zsp" if v2 else "unimatch,zsp")
+    if v2 and args.size % 14:
+        p.error(f"--size={args.size}: DINOv2 needs a multiple of 14")
+    return args
 
 
 def main() -> None:
@@ -51,8 +75,9 @@ def main() -> None:
     from zsp_jax.runtime import set_cpu_xla_flags
 
     added = set_cpu_xla_flags()  # what the main job uses; ZSP_JAX_CPU_XLA_FLAGS=0 for XLA's defaults
-    import copy
-
+    if args.family == "v2":
+        main_v2(args, added)
+        return
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -137,6 +162,111 @@ def main() -> None:
               + (f" (reference {images / ref_s:.2f})" if ref_s else ""))
         if args.phases:
             print(f"   where the time goes: {phases(graphdef, tx, options, holder, batch, key, ours_step, args.repeats, None if args.skip_torch else torch_step)}")
+    print("== summary")
+    for r in rows:
+        ratio = f"x{r.reference_s / r.ours_s:.2f}" if r.reference_s else "-"
+        print(f"   {r.name}: ours {r.ours_s:.3f} s, reference "
+              f"{'-' if r.reference_s is None else f'{r.reference_s:.3f} s'}: ours/reference speed ratio {ratio}")
+
+
+def v2_pair(encoder: str, num_classes: int, dtype, seed: int = 0):
+    """(PyTorch reference ``DPT`` on a randomised DINOv2 of ``encoder``, our converted (graphdef, params)), the same
+    weights."""
+    from zsp_jax.models.dpt import DptConfig
+    from zsp_jax.models.dpt import convert as dpt_convert
+    from zsp_jax.references import dinov2 as dinov2_ref
+    from zsp_jax.references import unimatch_v2_model
+    from zsp_jax.references.torch_utils import randomize_
+    from zsp_jax.train import state as state_lib
+    from zsp_jax.train.v2_state import ENCODER_SIZES
+
+    size = ENCODER_SIZES[encoder]
+    config = DptConfig.for_encoder(size, num_classes)
+    backbone = dinov2_ref.Dinov2Backbone(dinov2_ref.hf_model(config.encoder, seed=seed))
+    ref = unimatch_v2_model.build(backbone, size, num_classes)
+    randomize_(ref.head, seed + 1)
+    sd = {f"backbone.{k}": v for k, v in dinov2_ref.official_state_dict(ref.backbone.model).items()}
+    sd.update({f"head.{k}": v.detach().clone() for k, v in ref.head.state_dict().items()})
+    converted = dpt_convert.convert_segmenter_state_dict(sd, config, source_name=f"random DINOv2-{encoder.upper()}")
+    graphdef, params, _ = state_lib.split_model(converted.build(dtype=dtype))
+    return config, ref, graphdef, params
+
+
+def main_v2(args: argparse.Namespace, added: str) -> None:
+    """The UniMatch V2 step (see the module docstring), per encoder and mode."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from zsp_jax.references import unimatch_v2_step
+    from zsp_jax.train import v2_state, v2_step
+    from zsp_jax.utils import bench
+
+    precision_line = bench.set_matmul_precision(args.matmul_precision)
+    threads = bench.set_torch_threads()
+    peak = bench.matmul_rate()
+    bench.print_header(f"UniMatch V2 train step, DINOv2 {args.encoders} + DPT, {args.batch}+{args.batch} images of "
+                       f"{args.size}x{args.size}, {args.num_classes} classes, ours {args.dtype}", peak)
+    print(precision_line)
+    print(f"   CPU XLA flags added: {added or 'none'}")
+    print(f"   torch {torch.__version__} with {threads} threads; torch fp32 matmul rate "
+          f"{bench.torch_matmul_rate() / 1e9:.1f} GFLOP/s")
+    lr, lr_multi, total = 5e-6, 40.0, 1000  # V2's rates
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
+    raw = unimatch_v2_step.random_batch(args.batch, args.size, args.num_classes, seed=0)
+    tb = unimatch_v2_step.torch_batch(raw, torch.float32)
+    images = 2 * args.batch
+    rows = []
+    for encoder in args.encoders.split(","):
+        config, ref0, graphdef, params = v2_pair(encoder, args.num_classes, dtype)
+        mask = np.asarray(v2_step.comp_drop_masks(jax.random.key(1), args.batch, config.embed_dim))
+        batch = jax.tree.map(jnp.asarray, unimatch_v2_step.our_batch(raw, np.float32, mask))
+        torch_mask = torch.from_numpy(mask)
+        for mode in args.modes.split(","):
+            options = v2_step.StepOptionsV2(mode=mode, conf_thresh=args.conf_thresh)
+            tx, schedule = v2_state.make_optimizer_v2(v2_state.OptimizerSettingsV2(lr=lr, lr_multi=lr_multi), params,
+                                                      total)
+            holder = [v2_state.init_state_v2(jax.tree.map(jnp.copy, params), tx)]
+            key = jax.random.key(0)
+            update = jax.jit(v2_step.make_update_fn_v2(graphdef, tx, options, schedule), donate_argnums=(0,))
+            t0 = time.perf_counter()
+            compiled = update.lower(holder[0], batch, key).compile()
+            compile_s = time.perf_counter() - t0
+            flops = bench.program_flops(compiled)
+
+            def ours_step():
+                holder[0], m = compiled(holder[0], batch, key)
+                return m
+
+            first = jax.tree.map(float, ours_step())  # also the warm-up
+            name = f"DINOv2-{encoder.upper()} {mode} step"
+            print(f"-- {name}: compiled in {compile_s:.1f} s ({bench.memory_summary(compiled)}); first-step loss "
+                  f"ours {first['loss']:.6f}", end="")
+            ref_s = None
+            if args.skip_torch:
+                ours_s = bench.time_fn(ours_step, warmup=0, repeats=args.repeats)
+            else:
+                ref = copy.deepcopy(ref0)
+                ref_ema = unimatch_v2_step.make_ema(ref)
+                opt = unimatch_v2_step.make_optimizer(ref, lr, lr_multi)
+                count = [0]
+
+                def torch_step():
+                    out = unimatch_v2_step.step(ref, ref_ema, opt, tb, iters=count[0], total_iters=total, base_lr=lr,
+                                                lr_multi=lr_multi, comp_drop_mask=torch_mask,
+                                                conf_thresh=args.conf_thresh, mode=mode)
+                    count[0] += 1
+                    return out["loss"]
+
+                ref_first = float(torch_step())  # also the warm-up
+                ours_s, ref_s = bench.time_alternating([ours_step, torch_step], repeats=args.repeats)
+                print(f", reference {ref_first:.6f} (relative difference "
+                      f"{abs(first['loss'] - ref_first) / abs(ref_first):.1e})", end="")
+            print()
+            rows.append(bench.Comparison(name, ours_s, ref_s, flops, peak, 1, "step"))
+            print(f"   {rows[-1].line()}; {images / ours_s:.2f} images/s"
+                  + (f" (reference {images / ref_s:.2f})" if ref_s else ""))
     print("== summary")
     for r in rows:
         ratio = f"x{r.reference_s / r.ours_s:.2f}" if r.reference_s else "-"

@@ -7,7 +7,7 @@
 ``config.data.tfds_dir``, ``config.data.on_bad_input``); this tool does it ahead of time, for
 example on a CPU machine before a TPU job. An existing build from the same, unchanged files is
 reused; one made from other or changed files is refused unless ``--rebuild-if-stale``.
-Exits 1 with an ``error:`` line naming the culprit (a missing root, a bad file, a stale build).
+Exits 2 with an ``error:`` line naming the culprit (a missing root, a bad file, a stale build).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ SOURCE is one of
 The format is detected (directory -> hf, TorchScript -> openai, else open_clip). The MLP
 activation is read from a transformers config, is quick_gelu for OpenAI files, and for
 open_clip follows ``--model-name`` (``ViT-B-16-quickgelu`` or ``...openai`` -> quick_gelu,
-otherwise gelu); ``--act`` overrides. Beside OUT the CLIP vocabulary is written to
+otherwise gelu; an open_clip file without ``--model-name`` is refused: its tensors do not tell the
+two apart); ``--act`` overrides. Beside OUT the CLIP vocabulary is written to
 ``OUT_without_suffix.tokenizer/`` (vocab.json + merges.txt) so that tokenising works offline on
 machines without open_clip; ``ClipTokenizer.load(that_dir)`` reads it.
 """
@@ -51,22 +52,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="load the result and run one image and one text")
     args = p.parse_args(argv)
 
-    from zsp_jax.models.clip import convert as C
+    from zsp_jax.models.clip import convert as clip_convert
     from zsp_jax.models.clip.tokenizer import ClipTokenizer, _is_hf_tokenizer_dir
     from zsp_jax.utils.io import output_path_problem
+    from zsp_jax.utils.weights import ConversionError
 
     if problem := output_path_problem(args.source, args.out):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     try:
-        converted = C.convert_checkpoint(args.source, fmt=args.format, act=args.act, model_name=args.model_name,
-                                         vision_head_width=args.vision_head_width)
-    except (FileNotFoundError, C.W.ConversionError) as e:
+        converted = clip_convert.convert_checkpoint(args.source, fmt=args.format, act=args.act,
+                                                    model_name=args.model_name,
+                                                    vision_head_width=args.vision_head_width)
+    except (FileNotFoundError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        C.save_clip(args.out, converted)
+        clip_convert.save_clip(args.out, converted)
     except OSError as e:
         print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
         return 2
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from zsp_jax.models.clip.model import encode_image_fn, encode_text_fn
 
-        model = C.load_clip(args.out)
+        model = clip_convert.load_clip(args.out)
         img = encode_image_fn(model)(jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32))
         ids = np.zeros((1, 8), np.int32)
         ids[0, :3] = [49406, 320, 49407]

@@ -53,23 +53,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="load the result and run one 224 x 224 image")
     args = p.parse_args(argv)
 
-    from zsp_jax.models.dinov2 import convert as C
+    from zsp_jax.models.dinov2 import convert as dinov2_convert
     from zsp_jax.utils.io import output_path_problem
+    from zsp_jax.utils.weights import ConversionError
 
     if problem := output_path_problem(args.source, args.out):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     try:
-        converted = C.convert_checkpoint(args.source, variant=args.variant, entry=args.entry,
-                                         allow_custom=args.allow_custom, num_heads=args.num_heads,
-                                         interpolate_offset=args.interpolate_offset,
-                                         interpolate_antialias=args.interpolate_antialias)
-    except (FileNotFoundError, C.W.ConversionError, ValueError) as e:
+        converted = dinov2_convert.convert_checkpoint(args.source, variant=args.variant, entry=args.entry,
+                                                      allow_custom=args.allow_custom, num_heads=args.num_heads,
+                                                      interpolate_offset=args.interpolate_offset,
+                                                      interpolate_antialias=args.interpolate_antialias)
+    except (FileNotFoundError, ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        C.save_dinov2(args.out, converted)
+        dinov2_convert.save_dinov2(args.out, converted)
     except OSError as e:
         print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
         return 2
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         import jax
         import jax.numpy as jnp
 
-        model = C.load_dinov2(args.out)
+        model = dinov2_convert.load_dinov2(args.out)
         feats = jax.jit(lambda m, x: m.intermediate_layers(x))(model, jnp.zeros((1, 224, 224, 3), jnp.float32))
         print(f"check: intermediate layers {[tuple(f.shape) for f in feats]}, "
               f"finite={all(bool(jnp.isfinite(f).all()) for f in feats)}")

@@ -10,7 +10,7 @@ shape checked. The checkpoint is memory-mapped and converted tensor by tensor. T
 holds float32 weights keyed by the NNX state paths, and the model config in its metadata;
 ``zsp_jax.models.sam.load_sam(OUT)`` reads it without torch.
 
-Exit status: 0 on success, 1 on a conversion error (the message says what differs) or an
+Exit status: 0 on success, 2 with one `error:` line on a conversion error (the message says what differs) or an
 unusable path (missing source, output that is a directory or the source itself, unwritable).
 """
 
@@ -34,17 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="load the result and decode one point on a blank image")
     args = p.parse_args(argv)
 
-    from zsp_jax.models.sam import convert as C
+    from zsp_jax.models.sam import convert as sam_convert
     from zsp_jax.utils.bench import peak_rss_bytes
     from zsp_jax.utils.io import output_path_problem
+    from zsp_jax.utils.weights import ConversionError
 
     if problem := output_path_problem(args.source, args.out):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     try:
-        config = C.convert_checkpoint(args.source, args.out, variant=args.variant, allow_custom=args.allow_custom)
-    except (FileNotFoundError, C.W.ConversionError) as e:
+        config = sam_convert.convert_checkpoint(args.source, args.out, variant=args.variant,
+                                                allow_custom=args.allow_custom)
+    except (FileNotFoundError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # reading is wrapped in ConversionError above, so this is the output side
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         import jax
         import jax.numpy as jnp
 
-        model, config = C.load_sam(args.out)
+        model, config = sam_convert.load_sam(args.out)
         s = config.image_size
         emb = jax.jit(lambda m, x: m.embed(x))(model, jnp.zeros((1, s, s, 3), jnp.float32))
         low, iou = jax.jit(lambda m, e, c, lab: m.decode(e, c, lab, multimask_output=True))(

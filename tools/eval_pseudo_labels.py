@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from zsp_jax.data.pseudo_labels import find_label
     from zsp_jax.label import outputs, quality
-    from zsp_jax.label.stage import parse_thresholds
+    from zsp_jax.label.labelling import parse_thresholds
 
     classes_file = os.path.join(args.out, "classes.json")
     if not os.path.isfile(classes_file):

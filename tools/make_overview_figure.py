@@ -1,4 +1,4 @@
-"""Draws the README's overview picture: an image, its SAM segments, its pseudo label, via the labeller.
+"""Draws docs/overview.png, the README's picture: an image, its SAM segments, its pseudo label, via the labeller.
 
     python tools/make_overview_figure.py --out docs/overview.png [--sam CKPT --clip CKPT --classes voc]
 
@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from zsp_jax.label import outputs
-    from zsp_jax.label.checkpoints import load_clip_checkpoint, load_sam_checkpoint
     from zsp_jax.label.classes import load_classes
     from zsp_jax.label.labeller import Labeller
+    from zsp_jax.label.model_files import load_clip_checkpoint, load_sam_checkpoint
     from zsp_jax.label.options import LabelOptions
     from zsp_jax.references.amg import sample_images
     from zsp_jax.models.random_checkpoints import random_weight_label_config, tiny_checkpoints

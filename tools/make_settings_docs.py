@@ -16,12 +16,14 @@ import os
 import sys
 from typing import Any
 
+import ml_collections
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 from zsp_jax import cli  # noqa: E402
 
 PAGE = os.path.join(ROOT, "docs", "settings.md")
-CONFIGS = ("voc.py", "coco.py", "smoke.py")
+CONFIGS = ("voc.py", "coco.py", "smoke.py", "voc_v2.py", "coco_v2.py", "ade20k_v2.py")
 
 
 def sections() -> list[tuple[str, str, Any]]:
@@ -32,17 +34,16 @@ def sections() -> list[tuple[str, str, Any]]:
     from zsp_jax.runtime import DISTRIBUTED
     from zsp_jax.train import config as train_config
 
-    out = [("(top level)", "zsp_jax/workflow.py", workflow.RUN), ("data", "zsp_jax/data/config.py", data_config.DATA),
-           ("train", "zsp_jax/train/config.py", train_config.TRAIN), ("model", "zsp_jax/train/config.py",
-                                                                       train_config.MODEL),
-           ("eval", "zsp_jax/train/config.py", train_config.EVAL),
-           ("checkpoint", "zsp_jax/train/config.py", train_config.CHECKPOINT)]
-    if hasattr(label_options, "LABEL"):
-        out += [("label", "zsp_jax/label/options.py", label_options.LABEL),
-                ("label.amg", "zsp_jax/label/options.py", label_options.AMG)]
-    out += [("distributed", "zsp_jax/runtime.py", DISTRIBUTED),
+    return [("(top level)", "zsp_jax/workflow.py", workflow.RUN),
+            ("data", "zsp_jax/data/config.py", data_config.DATA),
+            ("train", "zsp_jax/train/config.py", train_config.TRAIN),
+            ("model", "zsp_jax/train/config.py", train_config.MODEL),
+            ("eval", "zsp_jax/train/config.py", train_config.EVAL),
+            ("checkpoint", "zsp_jax/train/config.py", train_config.CHECKPOINT),
+            ("label", "zsp_jax/label/options.py", label_options.LABEL),
+            ("label.amg", "zsp_jax/label/options.py", label_options.AMG),
+            ("distributed", "zsp_jax/runtime.py", DISTRIBUTED),
             ("data_stage", "zsp_jax/data/config.py", data_config.DATA_STAGE)]
-    return out
 
 
 def _config(name: str) -> Any:
@@ -64,7 +65,8 @@ def _get(config: Any, section: str, name: str) -> Any:
 
 def _cell(value: Any) -> str:
     if isinstance(value, str):
-        text = f'"{value}"'
+        # a long value (ade20k_v2.py's 150 class names) is cut, so that the table stays readable
+        text = f'"{value}"' if len(value) <= 64 else f'"{value[:48]}..." ({len(value)} characters)'
     elif isinstance(value, (tuple, list)):
         text = "(" + ", ".join(str(v) for v in value) + ")"
     else:
@@ -90,12 +92,18 @@ def render() -> str:
                   "|---|---|" + "---|" * len(CONFIGS) + "---|"]
         for setting in settings:
             default = setting.default() if callable(setting.default) else setting.default
+            if isinstance(default, ml_collections.FieldReference):  # a field typed by its reference ("auto" or int)
+                default = default.get()
+            prefix = "" if section_name == "(top level)" else f"{section_name}."
+            if isinstance(default, ml_collections.ConfigDict):  # a nested section: its own table lists its fields
+                lines.append(f"| `{prefix}{setting.name}` | a section | " + " | ".join("" for _ in CONFIGS)
+                             + f" | {_escape(setting.doc)} |")
+                continue
             cells = []
             for name in CONFIGS:
                 value = _get(configs[name], section_name, setting.name)
                 cells.append("" if value is None or value == default or (
                     isinstance(value, (tuple, list)) and tuple(value) == tuple(default)) else _cell(value))
-            prefix = "" if section_name == "(top level)" else f"{section_name}."
             lines.append(f"| `{prefix}{setting.name}` | {_cell(default)} | " + " | ".join(cells)
                          + f" | {_escape(setting.doc)} |")
         lines.append("")

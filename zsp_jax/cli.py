@@ -183,6 +183,9 @@ def parse_flags(argv: list[str], *, config_flag: str = "config") -> list[str]:
         fail(explain_flag_error(e, argv[1:], config_flag))
     if len(remaining) > 1:
         fail(f"unexpected argument(s) {' '.join(remaining[1:])}: every option is a --flag (see --help)")
+    spec = _config_flag_value(argv[1:], config_flag)
+    if spec is not None and not os.path.isfile(spec.partition(":")[0]):  # loaded lazily: check it now
+        fail(f"--{config_flag}={spec}: no such config file{_config_files_hint(spec.partition(':')[0])}")
     return remaining
 
 

@@ -17,6 +17,10 @@ VOC_HELP = ("PASCAL VOC 2012 (http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOC
             "(the SBD masks, linked from github.com/LiheYoung/UniMatch) beside them; set --config.data.root")
 COCO_HELP = ("COCO 2017 (train2017/, val2017/, annotations/ from https://cocodataset.org) at <root>, then "
              "'python tools/prepare_coco.py --root <root>' for masks/; set --config.data.root")
+ADE20K_HELP = ("ADE20K (http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip) unpacked so that "
+               "<root> holds images/{training,validation}/, with UniMatch V2's pre-processed annotations (classes "
+               "0..149, 255 = other; linked from github.com/LiheYoung/UniMatch-V2) as annotations/"
+               "{training,validation}/; set --config.data.root")
 BACKBONE_HELP = ("an ImageNet backbone: UniMatch's resnet101.pth / resnet50.pth / xception.pth (linked from "
                  "github.com/LiheYoung/UniMatch, 'pretrained/'), converted on first use or with "
                  "'python tools/convert_backbone.py pretrained/resnet101.pth weights/r101.safetensors "
@@ -30,7 +34,7 @@ def _data_problems(config: Any, stages: set[str]) -> list[str]:
     if config.get("synthetic"):
         return []  # generated at the start of the run
     problems = []
-    help_text = VOC_HELP if d.dataset == "voc" else COCO_HELP
+    help_text = {"voc": VOC_HELP, "coco": COCO_HELP, "ade20k": ADE20K_HELP}.get(d.dataset, COCO_HELP)
     root = os.path.expanduser(d.root)
     try:
         layout = readers.make_layout(d.dataset, root)
@@ -41,7 +45,8 @@ def _data_problems(config: Any, stages: set[str]) -> list[str]:
     splits_dir = os.path.expanduser(d.splits_dir)
     lab, unl = splits.split_paths(splits_dir, d.split)
     make = (f"'python tools/make_splits.py --dataset {d.dataset} --root {d.root} --out {d.splits_dir} --splits "
-            f"{d.split}', or set data.splits_dir to UniMatch's splits/{'pascal' if d.dataset == 'voc' else 'coco'}")
+            f"{d.split}', or set data.splits_dir to UniMatch's splits/"
+            f"{ {'voc': 'pascal'}.get(d.dataset, d.dataset)} (UniMatch V2's for ade20k)")
     needs_split = bool(stages & {"train"}) or ("label" in stages and not config.label.images_dir)
     for path in (lab, unl) if needs_split else ():
         if not os.path.isfile(path):
@@ -54,7 +59,16 @@ def _data_problems(config: Any, stages: set[str]) -> list[str]:
 def _train_problems(config: Any, stages: set[str]) -> list[str]:
     problems = []
     m = config.model
-    if m.get("pretrained"):
+    if m.get("pretrained") and m.get("family", "deeplab") == "unimatch_v2":
+        from zsp_jax.train import v2_state
+
+        try:
+            problem = v2_state.pretrained_problem_v2(m.pretrained, v2_state.model_config_v2(config))
+        except ValueError as e:  # a bad model.encoder: named by the config check
+            problem = str(e)
+        if problem:
+            problems.append(f"model.pretrained={m.pretrained!r}: {problem}; {v2_state.PRETRAINED_HELP}")
+    elif m.get("pretrained"):
         path = os.path.expanduser(m.pretrained)
         if not os.path.isfile(path):
             problems.append(f"model.pretrained={m.pretrained!r}: no such file; {BACKBONE_HELP}")
@@ -72,9 +86,9 @@ def _train_problems(config: Any, stages: set[str]) -> list[str]:
         else:
             try:
                 from zsp_jax.models.deeplab.convert import detect_source
-                from zsp_jax.utils import weights as W
+                from zsp_jax.utils.weights import load_torch_checkpoint, unwrap_state_dict
 
-                detect_source(W.unwrap_state_dict(W.load_torch_checkpoint(path), path=path), source_name=path)
+                detect_source(unwrap_state_dict(load_torch_checkpoint(path), path=path), source_name=path)
             except Exception as e:  # noqa: BLE001 - unreadable, foreign, or torch missing
                 problems.append(f"model.pretrained={m.pretrained!r}: {e}; {BACKBONE_HELP}")
     t = config.train
@@ -94,9 +108,16 @@ def check(config: Any, stages: set[str]) -> list[str]:
         if not ("label" in stages and config.label.images_dir and not stages & {"train", "eval"}):
             problems += _data_problems(config, stages)
     if "label" in stages:
-        from zsp_jax.label import stage as label_stage
+        from zsp_jax.label import labelling
 
-        problems += label_stage.input_problems(config)
+        problems += labelling.input_problems(config)
+    if stages & {"train", "eval"} and "train" in config:
+        from zsp_jax.train import config as train_config
+
+        try:  # the trainer's field values, before hours of labelling
+            (train_config.validate if "train" in stages else train_config.validate_for_eval)(config)
+        except ValueError as e:
+            problems.append(str(e))
     if "train" in stages:
         problems += _train_problems(config, stages)
     return problems

@@ -29,7 +29,7 @@ from zsp_jax.config_utils import Setting, section
 MODES = ("auto", "on", "off")
 
 # XLA:CPU's YNNPACK fusions take convolutions by default; routing them back to XLA's own (Eigen)
-# convolutions makes the DeepLab train step 1.7x faster on CPU (README "Benchmarks"). Accelerator
+# convolutions makes the DeepLab train step 1.7x faster on CPU (docs/benchmarks.md). Accelerator
 # backends do not read it.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 CPU_XLA_FLAGS_ENV = "ZSP_JAX_CPU_XLA_FLAGS"

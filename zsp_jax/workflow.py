@@ -5,12 +5,13 @@
 * ``convert``: PyTorch checkpoints named in the config (``label.sam_checkpoint``,
   ``label.clip_checkpoint``, ``model.pretrained``) are converted once to ``.safetensors`` in the
   work directory (reused while the source is unchanged);
-* ``label``: zero-shot pseudo labels of the unlabelled split (``zsp_jax.label.stage``): finished
+* ``label``: zero-shot pseudo labels of the unlabelled split (``zsp_jax.label.labelling``): finished
   images are skipped; ``data.pseudo_labels`` defaults to its output;
-* ``train``: DeepLabV3+ in ``train.mode`` (``zsp_jax.train.training``): resumes from the last
-  checkpoint; a finished run returns its summary;
+* ``train``: the model of ``model.family`` (DeepLabV3+, or UniMatch V2's DINOv2 + DPT) in ``train.mode``
+  (``zsp_jax.train.training``): resumes from the last checkpoint; a finished run returns its summary;
 * ``eval``: the best checkpoint on the validation list (skipped when that checkpoint was
-  already evaluated in this mode).
+  already evaluated in this mode); for ``unimatch_v2`` the EMA teacher of the best-EMA checkpoint
+  (``eval.weights=ema``, V2's reported result) or the student of the best-student one (``student``).
 
 ``config.stages`` ("convert,label,train,eval" by default) selects stages. Before any of them,
 every input they need is checked (``zsp_jax.preflight``); all problems are reported at once.
@@ -51,6 +52,12 @@ def selected(config: ml_collections.ConfigDict) -> list[str]:
     if unknown or not names:
         raise ValueError(f"config field stages={config.get('stages')!r}: unknown stage(s) {unknown}; "
                          f"choose from {list(STAGES)} (comma-separated)")
+    mode = config.train.get("mode") if "train" in config else None
+    if mode not in (None, "zsp") and "label" in names and config.get("stages") == DEFAULT_STAGES:
+        # The baselines train on the labelled images (and UniMatch's own targets): no zero-shot labels to make.
+        print(f"train.mode={mode} uses no pseudo labels: the label stage is skipped (list it in --config.stages "
+              f"to run it anyway)")
+        names.remove("label")
     return [s for s in STAGES if s in names]
 
 
@@ -70,8 +77,8 @@ def prepare_generated(config: ml_collections.ConfigDict) -> None:
 
 def convert(config: ml_collections.ConfigDict, stages: list[str]) -> dict[str, str]:
     """Converts the PyTorch checkpoints the selected stages need; returns {field: converted path}."""
-    from zsp_jax.label import checkpoints as K
-    from zsp_jax.label.stage import out_dir_of
+    from zsp_jax.label import model_files
+    from zsp_jax.label.labelling import out_dir_of
 
     done: dict[str, str] = {}
     if jax.process_index() == 0:
@@ -79,11 +86,11 @@ def convert(config: ml_collections.ConfigDict, stages: list[str]) -> dict[str, s
         if "label" in stages:
             cache = os.path.join(out_dir_of(config), "checkpoints")
             if c.sam_checkpoint and not c.sam_checkpoint.endswith(".safetensors"):
-                done["label.sam_checkpoint"] = K.sam_safetensors(c.sam_checkpoint, cache,
-                                                                 allow_custom=c.sam_allow_custom)
+                done["label.sam_checkpoint"] = model_files.sam_safetensors(c.sam_checkpoint, cache,
+                                                                           allow_custom=c.sam_allow_custom)
             if c.clip_checkpoint and not c.clip_checkpoint.endswith(".safetensors"):
-                done["label.clip_checkpoint"] = K.clip_safetensors(c.clip_checkpoint, cache,
-                                                                   model_name=c.clip_model_name)
+                done["label.clip_checkpoint"] = model_files.clip_safetensors(c.clip_checkpoint, cache,
+                                                                             model_name=c.clip_model_name)
         if "train" in stages and config.model.get("pretrained") and not config.model.pretrained.endswith(".safetensors"):
             from zsp_jax.train import state
 
@@ -131,11 +138,13 @@ class _LogWriter:
 
 
 def _evaluate(config: ml_collections.ConfigDict, *, log: Any = print) -> dict[str, Any]:
-    """Evaluates the run's best checkpoint (as recorded by the training run), unless it was already."""
+    """Evaluates the run's best checkpoint (as recorded by the training run; V2: the EMA's best and its EMA
+    teacher, or with ``eval.weights=student`` the student's), unless it was already."""
     from zsp_jax.train import checkpoint_eval
 
     workdir = os.path.abspath(os.path.expanduser(config.workdir))
-    best = checkpoint_eval.find_best(workdir)
+    weights = config.eval.get("weights", "ema") if config.model.get("family", "deeplab") == "unimatch_v2" else "student"
+    best = checkpoint_eval.find_best(workdir, weights)
     if best is None:
         raise checkpoint_eval.CheckpointNotFound(f"no checkpoint in {workdir}/checkpoints: run the train stage "
                                                  f"first (--config.stages=train,eval)")
@@ -143,11 +152,11 @@ def _evaluate(config: ml_collections.ConfigDict, *, log: Any = print) -> dict[st
     if os.path.isfile(marker):
         with open(marker) as f:
             previous = json.load(f)
-        if previous.get("checkpoint_path") == best.path:
+        if previous.get("checkpoint_path") == best.path and previous.get("weights", "student") == best.weights:
             return previous
     log(f"evaluating {best.describe()}")
-    result = checkpoint_eval.evaluate(config, best.path)
-    result.update(checkpoint_path=best.path, checkpoint_step=best.step, is_best=best.is_best)
+    result = checkpoint_eval.evaluate(config, best.path, weights=best.weights)
+    result.update(checkpoint_path=best.path, checkpoint_step=best.step, is_best=best.is_best, weights=best.weights)
     if jax.process_index() == 0:
         io.write_json_atomic(marker, result)
     return result
@@ -179,14 +188,14 @@ def run(config: ml_collections.ConfigDict, *, log: Any = print) -> dict[str, Any
                 section, name = field.split(".")
                 config[section][name] = path
     if "label" in stages:
-        from zsp_jax.label import stage as label_stage
+        from zsp_jax.label import labelling
 
         log("== stage label: zero-shot pseudo labels")
-        result = label_stage.run(config, log=log, progress=jax.process_index() == 0)
+        result = labelling.run(config, log=log, progress=jax.process_index() == 0)
         summary["label"] = {k: result.get(k) for k in ("out_dir", "labels_dir", "manifest", "report", "eval",
                                                        "labelled_total", "failed_total", "miou")}
     if stages and set(stages) & {"train"} and config.train.mode == "zsp" and not config.data.get("pseudo_labels"):
-        from zsp_jax.label.stage import labels_dir_of
+        from zsp_jax.label.labelling import labels_dir_of
 
         with config.unlocked():
             config.data.pseudo_labels = labels_dir_of(config)
@@ -200,11 +209,13 @@ def run(config: ml_collections.ConfigDict, *, log: Any = print) -> dict[str, Any
         summary["train"] = result
         summary["final_miou"] = result.get("final_miou")
         summary["best_miou"] = result.get("best_miou")
+        if "best_ema_miou" in result:  # unimatch_v2: the EMA teacher's figures, the best of which V2 reports
+            summary.update(final_miou_ema=result.get("final_miou_ema"), best_ema_miou=result.get("best_ema_miou"))
     if "eval" in stages:
         log(f"== stage eval: {config.eval.mode}")
         result = _evaluate(config, log=log)
         summary["eval"] = {k: result.get(k) for k in ("miou", "checkpoint", "checkpoint_step", "is_best", "images",
-                                                     "output", "mode")}
+                                                     "output", "mode", "weights")}
         summary["eval"]["per_class"] = result.get("per_class")
     if jax.process_index() == 0:
         path = os.path.join(workdir, "summary.json")
@@ -227,7 +238,8 @@ def where_everything_is(summary: dict[str, Any]) -> str:
             lines.append(f"   pseudo-label mIoU against ground truth: {s['miou']:.2f} ({s['eval']})")
     if "train" in summary:
         t = summary["train"]
-        lines.append(f"   checkpoints     {t.get('checkpoints')}  (best: {t.get('best_checkpoint')})")
+        lines.append(f"   checkpoints     {t.get('checkpoints')}  (best: {t.get('best_checkpoint')}"
+                     + (f", best EMA: {t.get('best_ema_checkpoint')}" if "best_ema_checkpoint" in t else "") + ")")
         lines.append(f"   metrics         {t.get('train_metrics')}, {t.get('eval_metrics')}")
         plots = t.get("plots") or {}
         if plots:
@@ -243,7 +255,11 @@ def where_everything_is(summary: dict[str, Any]) -> str:
         if "eval" in summary:
             e = summary["eval"]
             which = "best" if e.get("is_best", True) else "latest"
-            evaluated = f", evaluated {which} checkpoint (step {e.get('checkpoint_step')}) {fmt(e.get('miou'))}"
-        lines.append(f"   mIoU: final {fmt(final)}, best {fmt(best)}" + evaluated)
+            teacher = "the EMA teacher of the " if e.get("weights") == "ema" else ""
+            evaluated = (f", evaluated {teacher}{which}{'-EMA' if teacher else ''} checkpoint (step "
+                         f"{e.get('checkpoint_step')}) {fmt(e.get('miou'))}")
+        ema = (f" (EMA: final {fmt(summary.get('final_miou_ema'))}, best {fmt(summary.get('best_ema_miou'))}, "
+               f"UniMatch V2's result)" if "best_ema_miou" in summary else "")
+        lines.append(f"   mIoU: final {fmt(final)}, best {fmt(best)}" + ema + evaluated)
     lines.append(f"   summary         {summary.get('summary', os.path.join(summary['workdir'], 'summary.json'))}")
     return "\n".join(lines)

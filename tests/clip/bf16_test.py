@@ -1,6 +1,6 @@
-"""bfloat16 compute: the deviation from fp32 stays within the bounds stated in the README.
+"""bfloat16 compute: the deviation from fp32 stays within the bounds stated in docs/models.md.
 
-The README figures (ViT-B/16 + GEM at 448) come from ``tools/bench_clip.py --bf16``;
+The figures in docs/benchmarks.md (ViT-B/16 + GEM at 448) come from ``tools/bench_clip.py --bf16``;
 here the same measures run on the tiny model with bounds that a broken bf16 path would exceed.
 """
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from zsp_jax.models import clip
-from zsp_jax.models.clip import convert as C
+from zsp_jax.models.clip import convert as clip_convert
 from zsp_jax.references import clip as clip_refs
 from zsp_jax.utils.bench import relative_error
-from zsp_jax.utils.weights import ConversionError
+from zsp_jax.utils.weights import ConversionError, load_weights
 
 
 def _same_weights(a: dict, b: dict) -> None:
@@ -42,7 +42,7 @@ def _supports_bin(model) -> bool:
 
 def test_hf_directory(hf_dir, tiny_hf):
     _, _, from_memory = tiny_hf
-    converted = C.convert_checkpoint(hf_dir / "safetensors")
+    converted = clip_convert.convert_checkpoint(hf_dir / "safetensors")
     assert converted.source_format == "hf" and converted.config == from_memory.config
     _same_weights(converted.weights, from_memory.weights)
 
@@ -53,7 +53,7 @@ def test_hf_directory_bin(tmp_path, tiny_hf):
     d.mkdir()
     model.config.save_pretrained(d)
     torch.save(model.state_dict(), d / "pytorch_model.bin")
-    converted = C.convert_checkpoint(d)
+    converted = clip_convert.convert_checkpoint(d)
     _same_weights(converted.weights, from_memory.weights)
 
 
@@ -74,7 +74,7 @@ def test_hf_directory_sharded(tmp_path, tiny_hf):
         save_file({k: sd[k] for k in ks}, str(tmp_path / name))
     with open(tmp_path / "model.safetensors.index.json", "w") as f:
         json.dump({"weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
-    _same_weights(C.convert_checkpoint(tmp_path).weights, from_memory.weights)
+    _same_weights(clip_convert.convert_checkpoint(tmp_path).weights, from_memory.weights)
 
 
 def test_openai_torchscript_fp16(tmp_path):
@@ -86,10 +86,10 @@ def test_openai_torchscript_fp16(tmp_path):
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.save(torch.jit.script(model.half()), str(path))
     model.float()
-    assert C.is_torchscript_archive(str(path)) and C.detect_format(path) == "openai"
-    converted = C.convert_checkpoint(path)
+    assert clip_convert.is_torchscript_archive(str(path)) and clip_convert.detect_format(path) == "openai"
+    converted = clip_convert.convert_checkpoint(path)
     assert converted.source_format == "openai" and converted.config.act == "quick_gelu"
-    reference = C.convert_state_dict(model.state_dict(), "open_clip", act="quick_gelu")
+    reference = clip_convert.convert_state_dict(model.state_dict(), "open_clip", act="quick_gelu")
     _same_weights(converted.weights, reference.weights)
     images = clip_refs.random_images(2, 32, 32)
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_openai_plain_state_dict(tmp_path, tiny_open_clip):
     sd = dict(torch_model.state_dict())
     sd.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
     torch.save(sd, tmp_path / "plain.pt")
-    converted = C.convert_checkpoint(tmp_path / "plain.pt")  # detected by input_resolution
+    converted = clip_convert.convert_checkpoint(tmp_path / "plain.pt")  # detected by input_resolution
     assert converted.source_format == "openai" and converted.config.act == "quick_gelu"
     _same_weights(converted.weights, from_memory.weights)
 
@@ -122,7 +122,7 @@ def test_open_clip(tmp_path, layout):
         obj = {"epoch": 1, "state_dict": {"module." + k: v for k, v in sd.items()}} \
             if layout == "training_checkpoint" else sd
         torch.save(obj, path)
-    converted = C.convert_checkpoint(path, model_name="ViT-B-16")
+    converted = clip_convert.convert_checkpoint(path, model_name="ViT-B-16")
     assert converted.source_format == "open_clip" and converted.config.act == "gelu"
     ours = converted.build()
     images = clip_refs.random_images(2, 32, 32, seed=3)
@@ -138,7 +138,7 @@ def test_open_clip(tmp_path, layout):
 @pytest.mark.parametrize("name,act", [(None, "gelu"), ("ViT-B-16", "gelu"), ("ViT-B-16-quickgelu", "quick_gelu"),
                                       ("ViT-L-14/openai", "quick_gelu"), ("ViT-L-14-336-quickgelu", "quick_gelu")])
 def test_open_clip_activation_from_name(name, act):
-    assert C.act_from_open_clip_name(name) == act
+    assert clip_convert.act_from_open_clip_name(name) == act
 
 
 def test_named_variants_from_shapes():
@@ -147,7 +147,7 @@ def test_named_variants_from_shapes():
 
     for variant in clip.VARIANTS:
         cfg = getattr(clip.ClipConfig, variant)()
-        shapes = C.expected_shapes(cfg)
+        shapes = clip_convert.expected_shapes(cfg)
         fake = {}
         inverse = {"visual.patch_embed": ("visual.conv1.weight", lambda s: (s[3], s[2], s[0], s[1])),
                    "visual.pos_embed": ("visual.positional_embedding", None), "visual.proj": ("visual.proj", None),
@@ -164,7 +164,7 @@ def test_named_variants_from_shapes():
                                  ("text", "transformer.resblocks", cfg.text_layers)):
             for i in range(n):
                 fake[f"{prefix}.{i}.attn.in_proj_weight"] = jax.ShapeDtypeStruct((1,), np.float32)
-        inferred = C.config_from_openai_state_dict(fake, act="quick_gelu", source_name=variant)
+        inferred = clip_convert.config_from_openai_state_dict(fake, act="quick_gelu", source_name=variant)
         assert inferred == cfg and inferred.variant_name() == variant
 
 
@@ -189,7 +189,7 @@ def test_convert_tool(tmp_path, hf_dir, tiny_hf, tiny_open_clip):
     spec.loader.exec_module(tool)
     out = tmp_path / "tiny_hf.safetensors"
     assert tool.main([str(hf_dir / "safetensors"), str(out), "--check"]) == 0
-    _same_weights(clip.load_clip(out) and C.W.load_weights(out)[0], tiny_hf[2].weights)
+    _same_weights(clip.load_clip(out) and load_weights(out)[0], tiny_hf[2].weights)
     tok = clip.ClipTokenizer.load(tool.tokenizer_dir_for(str(out)))
     assert tok(["a photo of a cat."])[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 269, 49407]
     assert tool.main([str(tmp_path / "missing.pt"), str(tmp_path / "x.safetensors")]) == 2
@@ -212,16 +212,16 @@ def test_truncated_files(tmp_path, tiny_open_clip):
     cut = tmp_path / "cut.pt"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(ConversionError, match="cut.pt"):
-        C.convert_checkpoint(cut)
+        clip_convert.convert_checkpoint(cut)
     script = tmp_path / "script.pt"
     torch.jit.save(torch.jit.script(torch_model), str(script))
     data = script.read_bytes()
     (tmp_path / "script_cut.pt").write_bytes(data[: len(data) - 2000])
     with pytest.raises(ConversionError):
-        C.convert_checkpoint(tmp_path / "script_cut.pt", fmt="openai")
+        clip_convert.convert_checkpoint(tmp_path / "script_cut.pt", fmt="openai")
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ConversionError, match="empty"):
-        C.convert_checkpoint(tmp_path / "empty.pt")
+        clip_convert.convert_checkpoint(tmp_path / "empty.pt")
 
 
 def test_truncated_safetensors(tmp_path, tiny_open_clip):
@@ -233,7 +233,7 @@ def test_truncated_safetensors(tmp_path, tiny_open_clip):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ConversionError, match="m.safetensors"):
-        C.convert_checkpoint(path)
+        clip_convert.convert_checkpoint(path)
 
 
 def test_missing_and_extra_tensors(tiny_open_clip):
@@ -242,7 +242,7 @@ def test_missing_and_extra_tensors(tiny_open_clip):
     del sd["visual.transformer.resblocks.1.mlp.c_proj.bias"]
     sd["visual.some_adapter.weight"] = torch.zeros(3)
     with pytest.raises(ConversionError) as e:
-        C.convert_state_dict(sd, "open_clip")
+        clip_convert.convert_state_dict(sd, "open_clip")
     msg = str(e.value)
     assert "visual.some_adapter.weight" in msg and "visual.blocks.1.mlp.fc2.bias" in msg
 
@@ -252,20 +252,20 @@ def test_shape_mismatch(tiny_open_clip):
     sd = dict(torch_model.state_dict())
     sd["visual.transformer.resblocks.0.attn.out_proj.weight"] = torch.zeros(128, 64)
     with pytest.raises(ConversionError, match="shape mismatches"):
-        C.convert_state_dict(sd, "open_clip")
+        clip_convert.convert_state_dict(sd, "open_clip")
 
 
 def test_foreign_checkpoints(tmp_path, tiny_hf):
     with pytest.raises(ConversionError, match="not an OpenAI/open_clip CLIP ViT"):
-        C.convert_state_dict({"image_encoder.patch_embed.proj.weight": torch.zeros(2)}, "open_clip")
+        clip_convert.convert_state_dict({"image_encoder.patch_embed.proj.weight": torch.zeros(2)}, "open_clip")
     with pytest.raises(ConversionError, match="transformers checkpoint"):
-        C.convert_state_dict(tiny_hf[0].state_dict(), "open_clip")
+        clip_convert.convert_state_dict(tiny_hf[0].state_dict(), "open_clip")
     with pytest.raises(ConversionError, match="ResNet"):
-        C.convert_state_dict({"visual.layer1.0.conv1.weight": torch.zeros(2)}, "openai")
+        clip_convert.convert_state_dict({"visual.layer1.0.conv1.weight": torch.zeros(2)}, "openai")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        C.convert_checkpoint(tmp_path)
+        clip_convert.convert_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError):
-        C.convert_checkpoint(tmp_path / "nope.pt")
+        clip_convert.convert_checkpoint(tmp_path / "nope.pt")
     other = tmp_path / "other.safetensors"
     from zsp_jax.utils.weights import save_weights
 
@@ -278,9 +278,9 @@ def test_zip_that_is_not_torchscript(tmp_path):
     path = tmp_path / "x.pt"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("x/data.pkl", b"not a pickle")
-    assert not C.is_torchscript_archive(str(path))
+    assert not clip_convert.is_torchscript_archive(str(path))
     with pytest.raises(ConversionError):
-        C.convert_checkpoint(path)
+        clip_convert.convert_checkpoint(path)
 
 
 def _open_clip_configs():
@@ -306,8 +306,8 @@ def test_vision_head_width_table_matches_open_clip_configs():
     configs = _open_clip_configs()
     assert len(configs) > 30 and sum(h != 64 for _, _, h in configs) >= 10
     for name, width, head in configs:
-        assert C.vision_head_width(name, width) == head, name
-        assert C.vision_head_width(name + "/laion2b_s32b_b79k", width) == head, name
+        assert clip_convert.vision_head_width(name, width) == head, name
+        assert clip_convert.vision_head_width(name + "/laion2b_s32b_b79k", width) == head, name
 
 
 def _wide_head_open_clip(seed=21):
@@ -329,7 +329,7 @@ def test_wide_head_models_convert_right(tmp_path, how):
         cfg = tmp_path / "ViT-custom.json"
         cfg.write_text(json.dumps({"vision_cfg": {"width": 320, "head_width": 80}}))
         kwargs = dict(model_name=str(cfg))
-    converted = C.convert_checkpoint(path, **kwargs)
+    converted = clip_convert.convert_checkpoint(path, **kwargs)
     assert converted.config.vision_heads == 4
     images = clip_refs.random_images(2, 32, 32, seed=4)
     with torch.no_grad():
@@ -337,7 +337,7 @@ def test_wide_head_models_convert_right(tmp_path, how):
     assert relative_error(_image_embeds(converted.build(), images), ref) <= 1e-5
     # The 64-wide default on the same file converts without error but computes something else: the reason
     # the wide-head families are refused by width when no name is given.
-    wrong = C.convert_checkpoint(path, vision_head_width=64, act="gelu")
+    wrong = clip_convert.convert_checkpoint(path, vision_head_width=64, act="gelu")
     assert relative_error(_image_embeds(wrong.build(), images), ref) > 1e-2
 
 
@@ -352,11 +352,11 @@ def test_wide_head_width_without_a_name_is_refused():
             "ln_final.weight": jax.ShapeDtypeStruct((1024,), np.float32),
             "text_projection": jax.ShapeDtypeStruct((1024, 1024), np.float32)}
     with pytest.raises(ConversionError, match=r"ViT-H.*--model-name"):
-        C.config_from_openai_state_dict(fake, act="gelu", source_name="vit_h.bin")
-    cfg = C.config_from_openai_state_dict(fake, act="gelu", source_name="vit_h.bin", model_name="ViT-H-14")
+        clip_convert.config_from_openai_state_dict(fake, act="gelu", source_name="vit_h.bin")
+    cfg = clip_convert.config_from_openai_state_dict(fake, act="gelu", source_name="vit_h.bin", model_name="ViT-H-14")
     assert cfg.vision_heads == 16
     with pytest.raises(ConversionError, match="not a multiple"):
-        C.config_from_openai_state_dict(fake, act="gelu", source_name="x", model_name="ViT-g-14")
+        clip_convert.config_from_openai_state_dict(fake, act="gelu", source_name="x", model_name="ViT-g-14")
 
 
 def test_open_clip_state_dict_without_a_model_name_is_refused_not_guessed(tmp_path):
@@ -366,10 +366,10 @@ def test_open_clip_state_dict_without_a_model_name_is_refused_not_guessed(tmp_pa
     path = tmp_path / "open_clip_model.bin"
     torch.save(torch_model.state_dict(), path)
     with pytest.raises(ConversionError, match="does not record its activation") as e:
-        C.convert_checkpoint(path)
+        clip_convert.convert_checkpoint(path)
     assert "--clip_model_name" in str(e.value) and "ViT-B-16-quickgelu" in str(e.value) and "GELU" in str(e.value)
-    assert C.convert_checkpoint(path, model_name="ViT-B-16-quickgelu").config.act == "quick_gelu"
-    assert C.convert_checkpoint(path, model_name="ViT-B-16").config.act == "gelu"
+    assert clip_convert.convert_checkpoint(path, model_name="ViT-B-16-quickgelu").config.act == "quick_gelu"
+    assert clip_convert.convert_checkpoint(path, model_name="ViT-B-16").config.act == "gelu"
     config_json = tmp_path / "ViT-tiny.json"
     config_json.write_text(json.dumps({"embed_dim": 32, "quick_gelu": True, "vision_cfg": {}}))
-    assert C.convert_checkpoint(path, model_name=str(config_json)).config.act == "quick_gelu"
+    assert clip_convert.convert_checkpoint(path, model_name=str(config_json)).config.act == "quick_gelu"

@@ -101,7 +101,7 @@ def test_wrong_depth_and_stem_are_named(r50_deep_backbone, r50_deep_file, tmp_pa
     with pytest.raises(ConversionError, match="resnet_stem: the file has deep, the config asks for plain"):
         cv.convert(sd, DeepLabConfig.resnet50(stem="plain"))
     assert _cli()([r50_deep_file, str(tmp_path / "o.safetensors"), "--num-classes", "21",
-                   "--variant", "resnet101"]) == 1
+                   "--variant", "resnet101"]) == 2
     assert "resnet_blocks" in capsys.readouterr().err
     assert _cli()([r50_deep_file, str(tmp_path / "o.safetensors")]) == 2  # no --num-classes for a backbone
     assert not os.path.exists(tmp_path / "o.safetensors")
@@ -214,7 +214,7 @@ def test_missing_file(tmp_path, capsys):
     missing = str(tmp_path / "nowhere" / "resnet101.pth")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         cv.convert_file(missing, num_classes=21)
-    assert _cli()([missing, str(tmp_path / "o.safetensors"), "--num-classes", "21"]) == 1
+    assert _cli()([missing, str(tmp_path / "o.safetensors"), "--num-classes", "21"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o.safetensors")
 

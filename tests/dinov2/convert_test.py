@@ -23,7 +23,8 @@ from zsp_jax.models.dinov2 import (
 )
 from zsp_jax.models.dinov2.convert import expected_shapes, official_rules
 from zsp_jax.references import dinov2 as ref_lib
-from zsp_jax.utils import weights as W
+from zsp_jax.utils.weights import ConversionError, flat_weights, load_weights
+from zsp_jax.utils.weights import convert_state_dict as convert_by_rules  # the Rule-table one (not DINOv2's)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "convert_dinov2.py")
@@ -75,10 +76,10 @@ def test_official_layout_file_and_round_trip(tmp_path, reference, expected):
     assert Dinov2Config.from_json(meta["zsp_jax.config"]) == CONFIG == read_dinov2_config(out)
     model = load_dinov2(out)
     assert model.config == CONFIG
-    _assert_same(W.flat_weights(model), expected)
+    _assert_same(flat_weights(model), expected)
 
     # without a variant the tiny architecture is no named one: refused unless allowed (heads do not show in shapes)
-    with pytest.raises(W.ConversionError, match="describe no DINOv2 variant"):
+    with pytest.raises(ConversionError, match="describe no DINOv2 variant"):
         convert_checkpoint(src)
     custom = convert_checkpoint(src, allow_custom=True, num_heads=2)
     assert custom.config == Dinov2Config(**{**CONFIG.__dict__, "name": "custom"})
@@ -132,7 +133,7 @@ def test_unimatch_v2_checkpoint(tmp_path, reference, expected):
     # supervised.py saves no EMA model: the default falls back to "model"; asking for model_ema names the entries
     torch.save({"model": checkpoint["model"], "epoch": 1}, tmp_path / "supervised.pth")
     assert convert_checkpoint(tmp_path / "supervised.pth", variant=CONFIG).entry == "model"
-    with pytest.raises(W.ConversionError, match=r"no 'model_ema' entry \(entries: \['epoch', 'model'\]\)"):
+    with pytest.raises(ConversionError, match=r"no 'model_ema' entry \(entries: \['epoch', 'model'\]\)"):
         convert_checkpoint(tmp_path / "supervised.pth", variant=CONFIG, entry="model_ema")
     # a bare segmenter state_dict without DDP prefixes
     torch.save({k.removeprefix("module."): v for k, v in checkpoint["model"].items()}, tmp_path / "bare.pth")
@@ -141,13 +142,13 @@ def test_unimatch_v2_checkpoint(tmp_path, reference, expected):
     _assert_same(bare.weights, expected)
     # a tensor that is neither encoder nor head is refused by name
     torch.save({**checkpoint["model"], "module.aux.weight": torch.zeros(2)}, tmp_path / "extra.pth")
-    with pytest.raises(W.ConversionError, match=r"match no rule[\s\S]*aux\.weight"):
+    with pytest.raises(ConversionError, match=r"match no rule[\s\S]*aux\.weight"):
         convert_checkpoint(tmp_path / "extra.pth", variant=CONFIG)
 
 
 def test_wrong_variant_names_the_differences(reference):
     sd = ref_lib.official_state_dict(reference)
-    with pytest.raises(W.ConversionError) as e:
+    with pytest.raises(ConversionError) as e:
         convert_state_dict(sd, "official", variant="vit_s14", source_name="tiny.pth")
     message = str(e.value)
     assert "tiny.pth" in message and "not vit_s14" in message
@@ -156,7 +157,7 @@ def test_wrong_variant_names_the_differences(reference):
         assert line in message
     assert "shape mismatches" in message and "cls_token (1, 1, 32)" in message
     # the same architecture without registers
-    with pytest.raises(W.ConversionError, match="num_register_tokens: file 4, tiny 0"):
+    with pytest.raises(ConversionError, match="num_register_tokens: file 4, tiny 0"):
         convert_state_dict(sd, "official", variant=Dinov2Config.tiny(ffn="swiglu"))
 
 
@@ -174,7 +175,7 @@ def test_named_variants_inferred_from_shapes(name):
                for k, v in ref_lib.official_state_dict(model, block_chunks=4).items()}
     assert infer_config(unchunk_blocks(chunked)) == config
     if name in ("vit_s14", "vit_s14_reg4"):  # every rule and shape, on the smallest real model
-        weights = W.convert_state_dict(stand_ins, official_rules(), expected_shapes(config), source_name=name)
+        weights = convert_by_rules(stand_ins, official_rules(), expected_shapes(config), source_name=name)
         assert set(weights) == set(expected_shapes(config))
 
 
@@ -183,32 +184,32 @@ def test_refuses_truncated_and_foreign_files(tmp_path, reference):
     torch.save(ref_lib.official_state_dict(reference), good)
     data = good.read_bytes()
     (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(W.ConversionError, match="truncated.pth"):
+    with pytest.raises(ConversionError, match="truncated.pth"):
         convert_checkpoint(tmp_path / "truncated.pth", variant=CONFIG)
     torch.save({"fc.weight": torch.zeros(3, 3), "fc.bias": torch.zeros(3)}, tmp_path / "foreign.pth")
-    with pytest.raises(W.ConversionError, match=r"foreign.pth: not a DINOv2 checkpoint"):
+    with pytest.raises(ConversionError, match=r"foreign.pth: not a DINOv2 checkpoint"):
         convert_checkpoint(tmp_path / "foreign.pth")
     (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(W.ConversionError, match="empty.pth"):
+    with pytest.raises(ConversionError, match="empty.pth"):
         convert_checkpoint(tmp_path / "empty.pth")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         convert_checkpoint(tmp_path / "missing.pth")
 
     sd = ref_lib.official_state_dict(reference)
     without_block = {k: v for k, v in sd.items() if not k.startswith("blocks.2.")}
-    with pytest.raises(W.ConversionError, match=r"blocks \[2\] are missing"):
+    with pytest.raises(ConversionError, match=r"blocks \[2\] are missing"):
         convert_state_dict(without_block, "official", variant=CONFIG)
     without_last = {k: v for k, v in sd.items() if not k.startswith("blocks.3.")}
-    with pytest.raises(W.ConversionError, match="depth: file 3, tiny 4"):
+    with pytest.raises(ConversionError, match="depth: file 3, tiny 4"):
         convert_state_dict(without_last, "official", variant=CONFIG)
     without_norm = {k: v for k, v in sd.items() if k != "norm.weight"}
-    with pytest.raises(W.ConversionError, match=r"does not provide[\s\S]*norm\.scale"):
+    with pytest.raises(ConversionError, match=r"does not provide[\s\S]*norm\.scale"):
         convert_state_dict(without_norm, "official", variant=CONFIG)
 
     directory = tmp_path / "vit"
     directory.mkdir()
     (directory / "config.json").write_text('{"model_type": "vit"}')
-    with pytest.raises(W.ConversionError, match="model_type is 'vit'"):
+    with pytest.raises(ConversionError, match="model_type is 'vit'"):
         convert_checkpoint(directory)
 
 
@@ -235,7 +236,7 @@ def test_cli(tmp_path, reference, expected, capsys):
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert "(official)" in run.stdout and "4 registers" in run.stdout
-    _assert_same(W.load_weights(out)[0], expected)
+    _assert_same(load_weights(out)[0], expected)
 
     # a foreign file: exit status 2, one "error:" line naming the file, no traceback
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "foreign.pth")

@@ -71,6 +71,8 @@ CASES = [
     ("main unknown field", lambda f: _main(f, "--config.train.learning_rate=0.1"), "did you mean train.lr?"),
     ("main misspelt field", lambda f: _main(f, "--config.label.thresold=0.2"), "did you mean label.threshold?"),
     ("main missing config file", lambda f: _main(f, "--config=configs/nope.py"), "no such config file"),
+    ("main missing config file alone", lambda f: [sys.executable, "-m", "zsp_jax.main", "--config=configs/nope.py"],
+     "no such config file"),
     ("main bad variant", lambda f: _main(f, "--config=configs/smoke.py:mode=zps"), "mode='zps'"),
     ("main bad value", lambda f: _main(f, "--config.train.epochs=abc"), "--config.train.epochs"),
     ("main stray argument", lambda f: _main(f, "stray"), "unexpected argument"),

@@ -68,7 +68,7 @@ def _labels(workdir):
 def _params(workdir):
     import jax
 
-    from zsp_jax.train.checkpoint import read_state_arrays
+    from zsp_jax.train.checkpointing import read_state_arrays
 
     with open(os.path.join(workdir, "train_summary.json")) as f:
         latest = json.load(f)["latest_checkpoint"]

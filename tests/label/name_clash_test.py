@@ -13,7 +13,7 @@ from tests.train.conftest import smoke_config
 from zsp_jax.data import decode, readers, splits, synthetic
 from zsp_jax.data import inputs as data_inputs
 from zsp_jax.data.pseudo_labels import clashing_names, find_label, label_relpath
-from zsp_jax.label import stage as label_stage
+from zsp_jax.label import labelling
 from zsp_jax.models.random_checkpoints import random_weight_label_config, tiny_checkpoints
 from zsp_jax.references.amg import sample_images
 
@@ -43,9 +43,9 @@ def test_a_folder_with_clashing_names_is_labelled_whole_and_trained_from(tmp_pat
     config.label.update(images_dir=str(photos), out_dir=str(tmp_path / "pl"), sam_checkpoint=sam,
                         clip_checkpoint=clip, classes="voc", report_images=0, bucket=96)
     config.label.amg.max_masks = 4  # random-weight masks all survive: every image goes over the cap
-    assert label_stage.input_problems(config) == []
+    assert labelling.input_problems(config) == []
     lines: list[str] = []
-    result = label_stage.run(config, progress=False, log=lines.append)
+    result = labelling.run(config, progress=False, log=lines.append)
     assert result["labelled_total"] == 3 and result["failed_total"] == 0
     labels = tmp_path / "pl" / "labels"
     assert sorted(os.listdir(labels)) == ["x.jpg.png", "x.png.png", "y.png"]

@@ -14,6 +14,7 @@ from zsp_jax.models.attention import (
     CPU_DEFAULT,
     cudnn_unsupported_reason,
     dot_product_attention,
+    heads_first,
     resolve_attention,
 )
 
@@ -46,6 +47,8 @@ def test_auto_resolves_per_backend(backend, expected):
 def test_auto_on_this_process_is_the_cpu_choice():
     assert resolve_attention("auto") == CPU_DEFAULT  # CI and the development machine have CPUs only
     assert CPU_DEFAULT in ("xla", "einsum")
+    assert heads_first("auto") == (CPU_DEFAULT == "einsum")
+    assert heads_first("einsum") and not heads_first("xla") and not heads_first("cudnn")
 
 
 def test_invalid_value_names_the_option():
@@ -85,10 +88,12 @@ def _inputs(dtype=jnp.float32, b=2, t=6, s=6, n=2, h=8, seed=0):
     return q, k, v
 
 
+@pytest.mark.parametrize("layout", ["tokens-first", "heads-first"])
 @pytest.mark.parametrize("impl", ["xla", "einsum", "auto"])
 @pytest.mark.parametrize("case", ["plain", "bias", "mask", "causal", "per-example-scale", "cross"])
-def test_numerics_against_float64(impl, case):
-    """Every CPU-runnable implementation equals a float64 softmax attention to float32 rounding."""
+def test_numerics_against_float64(impl, case, layout):
+    """Every CPU-runnable implementation, in both operand layouts, equals a float64 softmax attention to
+    float32 rounding."""
     q, k, v = _inputs(s=9 if case == "cross" else 6)
     rng = np.random.default_rng(1)
     kwargs = {"scale": 0.35}
@@ -100,8 +105,12 @@ def test_numerics_against_float64(impl, case):
         kwargs["is_causal"] = True
     if case == "per-example-scale":
         kwargs["scale"] = jnp.asarray([0.2, 1.7], jnp.float32)
-    got = dot_product_attention(q, k, v, attention=impl, **kwargs)
     want = numpy_attention(q, k, v, **kwargs)
+    if layout == "heads-first":
+        got = dot_product_attention(*(t.swapaxes(1, 2) for t in (q, k, v)), attention=impl, heads_first=True,
+                                    **kwargs).swapaxes(1, 2)
+    else:
+        got = dot_product_attention(q, k, v, attention=impl, **kwargs)
     assert got.shape == q.shape and got.dtype == jnp.float32
     assert np.abs(np.asarray(got) - want).max() <= 1e-5 * np.abs(want).max()
 

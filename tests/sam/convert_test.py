@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from zsp_jax.models.sam import SamConfig, convert_checkpoint, convert_sam_state_dict, infer_config, load_sam
-from zsp_jax.models.sam import convert as C
+from zsp_jax.models.sam import convert as sam_convert
 from zsp_jax.references import sam as sam_refs
 from zsp_jax.utils.bench import relative_error
 from zsp_jax.utils.weights import ConversionError
@@ -65,10 +65,10 @@ def test_round_trip_through_a_checkpoint_file(tmp_path, tiny_config, tiny_pair, 
 
 def test_every_tensor_has_exactly_one_rule_and_target():
     """For the three registry variants: all tensors consumed, all weights produced, shapes equal (no data)."""
-    rules = C.sam_rules()
+    rules = sam_convert.sam_rules()
     for name in ("vit_b", "vit_l", "vit_h"):
         sd = registry_state_dict(name)
-        expected = C.expected_shapes(SamConfig.from_name(name))
+        expected = sam_convert.expected_shapes(SamConfig.from_name(name))
         produced = {}
         for key, t in sd.items():
             hits = [r for r in rules if re.fullmatch(r.pattern, key)]
@@ -186,7 +186,7 @@ def test_command_line_tool(tmp_path, tiny_checkpoint, capsys):
 
 
 def test_command_line_tool_names_the_bad_path(tmp_path, tiny_checkpoint, capsys):
-    """Wrong inputs exit with status 1 and a one-line error naming the culprit, never a traceback or a file."""
+    """Wrong inputs exit with status 2 and a one-line error naming the culprit, never a traceback or a file."""
     tool = load_tool()
     out = tmp_path / "out.safetensors"
     text = tmp_path / "notes.txt"
@@ -201,7 +201,7 @@ def test_command_line_tool_names_the_bad_path(tmp_path, tiny_checkpoint, capsys)
         ([str(tiny_checkpoint), str(tmp_path), "--allow-custom"], [str(tmp_path), "is a directory"]),
     ]
     for argv, expected in cases:
-        assert tool.main(argv) == 1, argv
+        assert tool.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "Traceback" not in err, err
         assert all(e in err for e in expected), (argv, err)
@@ -250,7 +250,7 @@ def test_registry_checkpoints_convert_in_bounded_memory(tmp_path, name):
     assert run.returncode == 0, run.stderr
     peak = float(re.search(r"peak RSS ([0-9.]+) GiB", run.stdout).group(1)) * 2**30
     assert peak <= 2.2 * size + 1.5 * 2**30, f"peak RSS {peak / 2**30:.2f} GiB for {size / 2**30:.2f} GiB of weights"
-    rules = C.sam_rules()
+    rules = sam_convert.sam_rules()
     with safe_open(str(out), framework="numpy") as f:
         assert f.metadata()["zsp_jax.variant"] == name
         assert SamConfig.from_json(f.metadata()["zsp_jax.config"]) == SamConfig.from_name(name)

@@ -223,7 +223,7 @@ def test_bf16_stays_close_to_fp32(tiny_config, tiny_pair, param_dtype):
 
     Measured on this tiny model: embedding 7.4e-3, low-res logits 1.7e-2, IoU 1.7e-2 (relative
     error), 99.5 % of low-res mask pixels agree. The bounds leave about 3x headroom over these.
-    The README states the vit_b figures from tools/bench_sam.py.
+    docs/benchmarks.md states the vit_b figures from tools/bench_sam.py.
     """
     ref, f32 = tiny_pair
     bf16 = sam_refs.flax_sam_from_reference(ref, tiny_config, dtype=jnp.bfloat16, param_dtype=param_dtype)

@@ -5,8 +5,10 @@
 * A newest checkpoint that cannot be restored (truncated array file, truncated metadata, a missing
   item, a garbage input position) is moved aside, never deleted, and the run resumes from the
   previous one and ends with the parameters of an uninterrupted run; with no readable checkpoint the
-  run stops with one error that lists what was tried.
-* Resuming (or rerunning a finished run) with another schedule is refused, naming the field.
+  run stops with one error that lists what was tried. A second checkpoint that fails like the one
+  before it is left in place (the same failure twice points at the reader, not the files).
+* Resuming (or rerunning a finished run) with another schedule is refused, naming the field; a run
+  written by another number of processes is refused before anything is moved.
 
 "Stopped" here is an exception raised right after a checkpoint is saved, in process: what a new
 process finds on disk is the same as after a SIGKILL at that moment (``train_test.py`` kills real
@@ -160,6 +162,7 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the
     summary = _train(_config(_task_of(stopped), work))
     out = capsys.readouterr().out
     assert "checkpoint step 6 could not be restored" in out and "resuming at step 4" in out
+    assert "memory: the train step fits" in out  # said before the first step (the CPU has room for this one)
     moved = glob.glob(str(work / "checkpoints_damaged" / "6-*"))
     assert len(moved) == 1 and os.path.isdir(moved[0])  # kept for the user, not deleted
     assert summary["steps"] == 8
@@ -180,13 +183,43 @@ def test_no_readable_checkpoint_stops_with_one_error_listing_what_was_tried(stop
     stopped, _ = stopped_and_whole
     work = tmp_path / "run"
     shutil.copytree(stopped, work)
-    for step in (4, 6):
-        shutil.rmtree(work / "checkpoints" / str(step) / "meta")
+    DAMAGE["deleted meta item"](str(work / "checkpoints" / "6"))
+    _garbage(os.path.join(work / "checkpoints" / "4", "meta", "metadata"))
     with pytest.raises(checkpointing.CheckpointsDamaged) as info:
         _train(_config(_task_of(stopped), work))
     message = str(info.value)
     assert "\n" not in message and str(work / "checkpoints" / "6") in message and str(work / "checkpoints" / "4") in message
-    assert len(glob.glob(str(work / "checkpoints_damaged" / "*"))) == 2
+    assert len(glob.glob(str(work / "checkpoints_damaged" / "*"))) == 2 and not info.value.same_failure
+
+
+def test_a_second_checkpoint_failing_the_same_way_is_left_in_place(stopped_and_whole, tmp_path):
+    stopped, _ = stopped_and_whole
+    work = tmp_path / "run"
+    shutil.copytree(stopped, work)
+    for step in (4, 6):
+        DAMAGE["deleted meta item"](str(work / "checkpoints" / str(step)))
+    with pytest.raises(checkpointing.CheckpointsDamaged) as info:
+        _train(_config(_task_of(stopped), work))
+    message = str(info.value)
+    assert "\n" not in message and "failed like the one before and was left in place" in message
+    assert info.value.same_failure and len(info.value.tried) == 2
+    assert [os.path.basename(p).split("-")[0] for p in glob.glob(str(work / "checkpoints_damaged" / "*"))] == ["6"]
+    assert _steps(work) == [4]  # the second one stays where the user's run keeps it
+
+
+def test_a_run_of_another_process_count_is_refused_before_anything_moves(stopped_and_whole, tmp_path):
+    import json
+
+    stopped, _ = stopped_and_whole
+    work = tmp_path / "run"
+    shutil.copytree(stopped, work)
+    meta_file = work / "checkpoints" / "6" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta["processes"] == 1  # recorded by the run
+    meta_file.write_text(json.dumps({**meta, "processes": 2}))
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this is 1"):
+        _train(_config(_task_of(stopped), work))
+    assert _steps(work) == [4, 6] and not (work / "checkpoints_damaged").exists()
 
 
 def test_another_schedule_is_refused_naming_the_field(stopped_and_whole, tmp_path):

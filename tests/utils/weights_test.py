@@ -6,7 +6,7 @@ import torch
 from flax import nnx
 
 from zsp_jax.references.torch_utils import randomize_
-from zsp_jax.utils import weights as W
+from zsp_jax.utils import weights
 
 
 class Tiny(nnx.Module):
@@ -20,12 +20,12 @@ class Tiny(nnx.Module):
 
 
 RULES = [
-    W.Rule(r"([01])\.weight", r"layers.\1.kernel", W.linear),
-    W.Rule(r"([01])\.bias", r"layers.\1.bias"),
-    W.Rule(r"2\.weight", "norm.scale"),
-    W.Rule(r"2\.bias", "norm.bias"),
-    W.Rule(r"2\.running_mean", "norm.mean"),
-    W.Rule(r"2\.running_var", "norm.var"),
+    weights.Rule(r"([01])\.weight", r"layers.\1.kernel", weights.linear),
+    weights.Rule(r"([01])\.bias", r"layers.\1.bias"),
+    weights.Rule(r"2\.weight", "norm.scale"),
+    weights.Rule(r"2\.bias", "norm.bias"),
+    weights.Rule(r"2\.running_mean", "norm.mean"),
+    weights.Rule(r"2\.running_var", "norm.var"),
 ]
 DROP = [r".*num_batches_tracked"]
 
@@ -38,23 +38,23 @@ def reference():
 
 @pytest.fixture
 def expected():
-    return W.flat_shapes(nnx.eval_shape(lambda: Tiny(nnx.Rngs(0))))
+    return weights.flat_shapes(nnx.eval_shape(lambda: Tiny(nnx.Rngs(0))))
 
 
 def test_convert_load_and_match_reference(reference, expected, tmp_path):
-    converted = W.convert_state_dict(reference.state_dict(), RULES, expected, source_name="toy", drop=DROP)
+    converted = weights.convert_state_dict(reference.state_dict(), RULES, expected, source_name="toy", drop=DROP)
     assert set(converted) == set(expected)
     path = tmp_path / "toy.safetensors"
-    W.save_weights(path, converted, {"zsp_jax.model": "toy"})
-    loaded, meta = W.load_weights(path, expect={"zsp_jax.model": "toy"})
-    model = W.build_with_weights(lambda: Tiny(nnx.Rngs(0)), loaded, source_name=str(path))
+    weights.save_weights(path, converted, {"zsp_jax.model": "toy"})
+    loaded, meta = weights.load_weights(path, expect={"zsp_jax.model": "toy"})
+    model = weights.build_with_weights(lambda: Tiny(nnx.Rngs(0)), loaded, source_name=str(path))
     x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
     ours = np.asarray(model(x))
     ref = reference(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
-    assert meta["zsp_jax.format"] == W.FORMAT_VERSION
+    assert meta["zsp_jax.format"] == weights.FORMAT_VERSION
     # the round trip through the file is lossless
-    np.testing.assert_array_equal(W.flat_weights(model)["layers.0.kernel"], converted["layers.0.kernel"])
+    np.testing.assert_array_equal(weights.flat_weights(model)["layers.0.kernel"], converted["layers.0.kernel"])
 
 
 def test_every_problem_is_reported_at_once(reference, expected):
@@ -62,8 +62,8 @@ def test_every_problem_is_reported_at_once(reference, expected):
     source["1.weight"] = torch.zeros(5, 4)  # wrong shape
     del source["0.bias"]  # missing
     source["extra.weight"] = torch.zeros(1)  # unknown
-    with pytest.raises(W.ConversionError) as err:
-        W.convert_state_dict(source, RULES, expected, source_name="bad.pth", drop=DROP)
+    with pytest.raises(weights.ConversionError) as err:
+        weights.convert_state_dict(source, RULES, expected, source_name="bad.pth", drop=DROP)
     msg = str(err.value)
     assert "bad.pth" in msg
     assert "1.weight (5, 4) -> layers.1.kernel (4, 5), expected (4, 2)" in msg
@@ -74,15 +74,16 @@ def test_every_problem_is_reported_at_once(reference, expected):
 
 
 def test_ambiguous_rules_are_a_bug(reference, expected):
-    rules = RULES + [W.Rule(r"\d\.bias", "norm.bias")]
-    with pytest.raises(W.ConversionError, match="several rules"):
-        W.convert_state_dict(reference.state_dict(), rules, expected, source_name="toy", drop=DROP)
+    rules = RULES + [weights.Rule(r"\d\.bias", "norm.bias")]
+    with pytest.raises(weights.ConversionError, match="several rules"):
+        weights.convert_state_dict(reference.state_dict(), rules, expected, source_name="toy", drop=DROP)
 
 
 def test_split_rule_produces_several_targets():
     fused = np.arange(12, dtype=np.float32).reshape(6, 2)
-    rule = W.Rule(r"in_proj", ("q", "k", "v"), W.split(3, then=W.linear))
-    out = W.convert_state_dict({"in_proj": fused}, [rule], {"q": (2, 2), "k": (2, 2), "v": (2, 2)}, source_name="s")
+    rule = weights.Rule(r"in_proj", ("q", "k", "v"), weights.split(3, then=weights.linear))
+    out = weights.convert_state_dict({"in_proj": fused}, [rule], {"q": (2, 2), "k": (2, 2), "v": (2, 2)},
+                                     source_name="s")
     np.testing.assert_array_equal(out["k"], fused[2:4].T)
 
 
@@ -93,70 +94,70 @@ def test_conv_transforms_match_torch():
     ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1).numpy()
     import jax
 
-    ours = jax.lax.conv_general_dilated(x.transpose(0, 2, 3, 1), W.conv2d(w), (1, 1), "SAME",
+    ours = jax.lax.conv_general_dilated(x.transpose(0, 2, 3, 1), weights.conv2d(w), (1, 1), "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), ref, rtol=1e-5, atol=1e-5)
     # transposed convolution, stride 2 (SAM's output upscaling uses kernel 2, stride 2)
     wt = rng.normal(size=(3, 4, 2, 2)).astype(np.float32)
     ref_t = torch.nn.functional.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(wt), stride=2).numpy()
-    ours_t = jax.lax.conv_transpose(x.transpose(0, 2, 3, 1), W.conv_transpose2d(wt), (2, 2), "VALID",
+    ours_t = jax.lax.conv_transpose(x.transpose(0, 2, 3, 1), weights.conv_transpose2d(wt), (2, 2), "VALID",
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(np.asarray(ours_t).transpose(0, 3, 1, 2), ref_t, rtol=1e-5, atol=1e-5)
 
 
 def test_assign_weights_casts_params_not_statistics(reference, expected):
-    converted = W.convert_state_dict(reference.state_dict(), RULES, expected, source_name="toy", drop=DROP)
+    converted = weights.convert_state_dict(reference.state_dict(), RULES, expected, source_name="toy", drop=DROP)
     import jax.numpy as jnp
 
-    model = W.build_with_weights(lambda: Tiny(nnx.Rngs(0)), converted, source_name="toy", dtype=jnp.bfloat16)
+    model = weights.build_with_weights(lambda: Tiny(nnx.Rngs(0)), converted, source_name="toy", dtype=jnp.bfloat16)
     assert model.layers[0].kernel.dtype == jnp.bfloat16
     assert model.norm.mean.dtype == jnp.float32
 
 
 def test_assign_weights_is_strict(reference, expected):
-    converted = W.convert_state_dict(reference.state_dict(), RULES, expected, source_name="toy", drop=DROP)
+    converted = weights.convert_state_dict(reference.state_dict(), RULES, expected, source_name="toy", drop=DROP)
     converted["unexpected"] = np.zeros(1, np.float32)
     del converted["norm.var"]
-    with pytest.raises(W.ConversionError, match="norm.var") as err:
-        W.assign_weights(Tiny(nnx.Rngs(0)), converted, source_name="w.safetensors")
+    with pytest.raises(weights.ConversionError, match="norm.var") as err:
+        weights.assign_weights(Tiny(nnx.Rngs(0)), converted, source_name="w.safetensors")
     assert "unexpected" in str(err.value)
 
 
 def test_bad_files_name_the_culprit(tmp_path, reference):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        W.load_torch_checkpoint(tmp_path / "nowhere.pth")
+        weights.load_torch_checkpoint(tmp_path / "nowhere.pth")
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
-    with pytest.raises(W.ConversionError, match="empty.pth: the file is empty"):
-        W.load_torch_checkpoint(empty)
+    with pytest.raises(weights.ConversionError, match="empty.pth: the file is empty"):
+        weights.load_torch_checkpoint(empty)
     full = tmp_path / "full.pth"
     torch.save(reference.state_dict(), full)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(full.read_bytes()[:200])
-    with pytest.raises(W.ConversionError, match="truncated.pth: not a readable PyTorch checkpoint"):
-        W.load_torch_checkpoint(truncated)
+    with pytest.raises(weights.ConversionError, match="truncated.pth: not a readable PyTorch checkpoint"):
+        weights.load_torch_checkpoint(truncated)
     text = tmp_path / "notes.safetensors"
     text.write_text("hello")
-    with pytest.raises(W.ConversionError, match="notes.safetensors: not a readable safetensors"):
-        W.load_weights(text)
+    with pytest.raises(weights.ConversionError, match="notes.safetensors: not a readable safetensors"):
+        weights.load_weights(text)
 
 
 def test_load_weights_checks_metadata(tmp_path):
     path = tmp_path / "w.safetensors"
-    W.save_weights(path, {"a": np.zeros(2, np.float32)}, {"zsp_jax.model": "clip"})
-    with pytest.raises(W.ConversionError, match="zsp_jax.model is 'clip', expected 'sam'"):
-        W.load_weights(path, expect={"zsp_jax.model": "sam"})
+    weights.save_weights(path, {"a": np.zeros(2, np.float32)}, {"zsp_jax.model": "clip"})
+    with pytest.raises(weights.ConversionError, match="zsp_jax.model is 'clip', expected 'sam'"):
+        weights.load_weights(path, expect={"zsp_jax.model": "sam"})
     from safetensors.numpy import save_file
 
     foreign = tmp_path / "foreign.safetensors"
     save_file({"a": np.zeros(2, np.float32)}, str(foreign))
-    with pytest.raises(W.ConversionError, match="not a zsp_jax weights file"):
-        W.load_weights(foreign)
+    with pytest.raises(weights.ConversionError, match="not a zsp_jax weights file"):
+        weights.load_weights(foreign)
 
 
 def test_unwrap_state_dict():
     sd = {"module.backbone.w": torch.zeros(1)}
-    assert list(W.unwrap_state_dict({"model": sd, "epoch": 3}, path="p")) == ["backbone.w"]
-    assert list(W.unwrap_state_dict({"state_dict": {"model": sd}}, path="p")) == ["backbone.w"]
-    with pytest.raises(W.ConversionError, match="ckpt.pth: does not contain a state_dict"):
-        W.unwrap_state_dict({"epoch": 3}, path="ckpt.pth")
+    assert list(weights.unwrap_state_dict({"model": sd, "epoch": 3}, path="p")) == ["backbone.w"]
+    assert list(weights.unwrap_state_dict({"state_dict": {"model": sd}}, path="p")) == ["backbone.w"]
+    with pytest.raises(weights.ConversionError, match="ckpt.pth: does not contain a state_dict"):
+        weights.unwrap_state_dict({"epoch": 3}, path="ckpt.pth")

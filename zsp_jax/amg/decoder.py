@@ -18,9 +18,12 @@ projects every prompt's 4096 image tokens through 128 x 256 matrices four times 
   keys and one for ``pos``);
 * everything that depends on the image alone (the first block's image-side projections, the
   positional encoding) is computed once per image (``image_context``), not once per prompt group;
-* with ``iou_threshold``, the output upscaling (0.8 GFLOP per prompt, the largest single cost)
-  runs only for the prompts that have a mask whose predicted IoU passes the generator's filter:
-  the IoU head needs only the transformer, and a filtered candidate's logits are never read.
+* the output upscaling (0.8 GFLOP per prompt, the largest single cost) runs one prompt at a time
+  right after its group's transformer, and with ``iou_threshold`` only for the prompts that have a
+  mask whose predicted IoU passes the generator's filter: the IoU head needs only the transformer,
+  and a filtered candidate's logits are never read;
+* the final token -> image attention only for the tokens read afterwards (the IoU token and the
+  three multimask tokens).
 
 The arithmetic differs from the reference only by float32 rounding (measured in
 tests/amg/decoder_test.py against ``Sam.decode``); it lives here, not in the model, because it
@@ -185,14 +188,7 @@ def _mask_logits(upscaling: Any, x: jax.Array, hyper: jax.Array) -> jax.Array:
     return jnp.moveaxis(m, -1, 2).transpose(0, 1, 2, 3, 5, 7, 4, 6, 8).reshape(z, n, -1, 4 * g, 4 * w)
 
 
-def _take_prompts(a: jax.Array, index: jax.Array) -> jax.Array:
-    """Rows of a per-group stack: a (G, B, g, ...) at prompt indices (B, k) (prompt p = group p // g, slot
-    p % g) -> (B, k, ...)."""
-    g = a.shape[2]
-    return a[index // g, jnp.arange(a.shape[1])[:, None], index % g]
-
-
-def point_decoder(model: Any, *, group: int = 4, upscale_rows: int = 8) -> PromptDecoder:
+def point_decoder(model: Any, *, group: int = 4, upscale_rows: int = 16) -> PromptDecoder:
     """The ``PromptDecoder`` of ``model`` for ``zsp_jax.amg.generate``: single foreground points, three masks each.
 
     Args:
@@ -275,35 +271,30 @@ def point_decoder(model: Any, *, group: int = 4, upscale_rows: int = 8) -> Promp
                ) -> tuple[jax.Array, jax.Array]:
         b, n = points.shape[:2]
         size = group if n > group and n % group == 0 else n
-        groups = points.reshape(b, n // size, size, 2).transpose(1, 0, 2, 3)  # (G, B, size, 2)
-        if iou_threshold is None:
-            def whole(p):
-                keys, hyper, iou = transformer(ctx, p)
-                return upscale(keys, hyper), iou
 
-            masks, iou = jax.lax.map(whole, groups)
-            masks = jnp.moveaxis(masks, 0, 1).reshape((b, n) + masks.shape[3:])
-            return masks, jnp.moveaxis(iou, 0, 1).reshape(b, n, -1)
-        # The transformer for every prompt, then the upscaling for the prompts that have a mask
-        # above the threshold only: those are moved to the front (per image, stable), and a group
-        # of moved prompts where no image has one is skipped.
-        keys, hyper, iou = jax.lax.map(lambda p: transformer(ctx, p), groups)  # (G, B, size, ...)
-        iou = jnp.moveaxis(iou, 0, 1).reshape(b, n, -1)
-        wanted = jnp.any(iou > iou_threshold, axis=-1)  # (B, N)
-        order = jnp.argsort(~wanted, axis=1, stable=True).astype(jnp.int32)
-        order_g = order.reshape(b, n // size, size).transpose(1, 0, 2)
-        wanted_g = jnp.take_along_axis(wanted, order, axis=1).reshape(b, n // size, size).transpose(1, 0, 2)
+        def one_group(p):
+            keys, hyper, iou = transformer(ctx, p)
+            # The output upscaling one prompt at a time, right after the group's transformer, so that the
+            # prompt's image tokens and the upscaling's intermediates are still in cache. With a threshold, a
+            # prompt none of whose masks passes the predicted-IoU filter (in any image of the group) is not
+            # upscaled at all; skipping a whole prompt keeps that locality, where gathering the wanted prompts
+            # of a point batch first would write and re-read every prompt's image tokens.
+            wanted = (jnp.ones(p.shape[1], bool) if iou_threshold is None
+                      else jnp.any(jnp.any(iou > iou_threshold, axis=-1), axis=0))  # (size,)
 
-        def upscale_group(xs):
-            index, any_wanted = xs
-            return jax.lax.cond(jnp.any(any_wanted),
-                                lambda i: upscale(_take_prompts(keys, i), _take_prompts(hyper, i)),
-                                lambda i: jnp.zeros((b, size, 3) + (4 * math.isqrt(keys.shape[3]),) * 2, jnp.float32),
-                                index)
+            def one_prompt(xs):
+                k, h, w = xs  # (B, HW, D), (B, 3, D/8), ()
+                if iou_threshold is None:
+                    return upscale(k[:, None], h[:, None])[:, 0]
+                return jax.lax.cond(w, lambda: upscale(k[:, None], h[:, None])[:, 0],
+                                    lambda: jnp.zeros((b, 3) + (4 * math.isqrt(k.shape[1]),) * 2, jnp.float32))
 
-        masks = jax.lax.map(upscale_group, (order_g, wanted_g))  # (G, B, size, 3, s, s) in moved order
-        slot = jnp.argsort(order, axis=1).astype(jnp.int32)  # where each prompt went
-        return _take_prompts(masks, slot), iou
+            masks = jax.lax.map(one_prompt, (jnp.moveaxis(keys, 1, 0), jnp.moveaxis(hyper, 1, 0), wanted))
+            return jnp.moveaxis(masks, 0, 1), iou
+
+        masks, iou = jax.lax.map(one_group, points.reshape(b, n // size, size, 2).transpose(1, 0, 2, 3))
+        masks = jnp.moveaxis(masks, 0, 1).reshape((b, n) + masks.shape[3:])
+        return masks, jnp.moveaxis(iou, 0, 1).reshape(b, n, -1)
 
     return PromptDecoder(image_context, decode)
 

@@ -43,7 +43,8 @@ from zsp_jax.amg.geometry import Bucket
 from zsp_jax.amg.inputs import abstract_inputs, prepare_inputs
 from zsp_jax.amg.options import AmgOptions
 from zsp_jax.amg.plan import Plan
-from zsp_jax.amg.programs import BucketPrograms, MemoryBudget, Program
+from zsp_jax.amg.programs import BucketPrograms, Program
+from zsp_jax.utils.memory import MemoryBudget
 from zsp_jax.amg.regions import postprocess_small_regions
 from zsp_jax.amg.rle import masks_to_coco_rle, masks_to_rle
 from zsp_jax.utils.sharding import data_mesh

@@ -23,7 +23,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -35,62 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from zsp_jax.amg.tuning import SizeRequest, Sizes
 from zsp_jax.utils import bench
+from zsp_jax.utils.memory import GIB, MemoryBudget, estimated_bytes
 from zsp_jax.utils.sharding import map_groups_per_device
-
-GIB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryBudget:
-    """The bytes a program may use per device (``fraction`` of ``total``) and where ``total`` came from.
-
-    Attributes:
-      total: the device's memory in bytes.
-      fraction: the share a program's XLA estimate may take.
-      source: where ``total`` came from, for messages.
-      field: the setting that gives the memory by hand, named in errors.
-    """
-
-    total: int
-    fraction: float
-    source: str
-    field: str
-
-    @property
-    def limit(self) -> int:
-        return int(self.total * self.fraction)
-
-    @classmethod
-    def of_device(cls, device: Any, *, memory_gb: float = 0.0, fraction: float = 0.8,
-                  field: str = "label.device_memory_gb", local_devices: int | None = None) -> "MemoryBudget":
-        """The budget of ``device``: ``memory_gb`` when > 0, else the device's own ``bytes_limit``, else (a CPU)
-        the machine's physical memory divided among its ``local_devices`` (default: the local devices of that
-        platform; simulated CPU devices share one memory)."""
-        if memory_gb > 0:
-            return cls(int(memory_gb * GIB), fraction, f"{field}={memory_gb:g}", field)
-        try:
-            stats = device.memory_stats() or {}
-        except Exception:  # noqa: BLE001 - backends without memory statistics (the CPU) raise or return None
-            stats = {}
-        if stats.get("bytes_limit"):
-            return cls(int(stats["bytes_limit"]), fraction, f"{device.device_kind} bytes_limit", field)
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        n = local_devices or len([d for d in jax.local_devices() if d.platform == device.platform])
-        source = "physical memory" + (f" / {n} devices" if n > 1 else "")
-        return cls(physical // max(n, 1), fraction, source, field)
-
-
-def estimated_bytes(compiled: Any) -> int | None:
-    """XLA's per-device memory estimate of a compiled program: arguments + outputs + temporaries - donated
-    buffers (as ``zsp_jax.utils.bench.memory_summary``); None where the backend gives none."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return None
-    if m is None:
-        return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-
 
 @dataclasses.dataclass
 class Program:

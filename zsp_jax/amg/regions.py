@@ -13,7 +13,7 @@ Semantics of segment-anything's ``postprocess_small_regions`` / ``remove_small_r
 
 This stays on the host, with OpenCV (the reference's own labeller, so equal results by
 construction), run over masks in a thread pool (OpenCV releases the GIL). Measured on the 2-core
-development machine: 1.6 ms per 512x512 mask for both passes, i.e. 0.2 s for 128 masks, against
+development machine: a few milliseconds per mask for both passes (docs/benchmarks.md), against
 connected components on device, which need an iterative label propagation whose number of
 steps grows with the component diameter (hundreds of 3x3 min-pool passes over every mask).
 """

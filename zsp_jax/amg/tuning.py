@@ -15,10 +15,10 @@ Each is an int or ``"auto"``: the largest value, up to the device kind's limit (
 compiled program fits the device's memory (``zsp_jax.amg.programs`` chooses, per size bucket).
 The limits are where larger stops paying: on the CPU one image per step is as fast as several
 (the encoder already keeps the cores busy), groups of 4 prompts keep each prompt's 4096 x 256
-image tokens in cache between the decoder's layers (about 25 % faster than 64) and chunks of 4
-masks keep a chunk in cache (measured at 480x640 with 256 kept masks: 4 -> 1.3 s per image for
-upsampling, pooling and painting, 16 -> 3.3 s); accelerators take the widest batches that fit.
-The GPU / TPU limits are starting points no measurement here has tuned yet (no accelerator so far).
+image tokens in cache between the decoder's layers, and chunks of 4 masks keep a chunk's
+full-resolution logits in cache (the measurements are in docs/benchmarks.md); accelerators take
+the widest batches that fit. The GPU / TPU limits are starting points no measurement here has
+tuned yet (no accelerator so far).
 
 ``BUCKET_MIN_IMAGES`` is the fewest images a compiled program should serve in a folder of mixed
 sizes (``zsp_jax.amg.geometry.folder_buckets``): on the CPU a program compiles in about the time

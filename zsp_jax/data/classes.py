@@ -1,8 +1,12 @@
-"""Class lists: PASCAL VOC (21) and COCO (81 = background + the 80 thing classes).
+"""Class lists: PASCAL VOC (21), COCO (81 = background + the 80 thing classes) and ADE20K (150, no background).
 
 COCO's order is UniMatch's: index 0 is background ('void' in UniMatch), then the 80 thing
 categories sorted by their COCO category id (1 person ... 90 toothbrush). ``COCO_CATEGORY_IDS[i]``
 is the COCO id of class ``i + 1``.
+
+ADE20K's order is the SceneParsing benchmark's (``objectInfo150``), as UniMatch V2's class table: index 0 is
+wall, 149 flag. ADE20K has no background class: its unlabelled "other" pixels are 255 (ignore) in the
+annotations UniMatch V2 trains on (``zsp_jax.data.readers``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,29 @@ COCO_CLASSES = (
     "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )
 
-CLASSES = {"voc": VOC_CLASSES, "coco": COCO_CLASSES}
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
+
+CLASSES = {"voc": VOC_CLASSES, "coco": COCO_CLASSES, "ade20k": ADE20K_CLASSES}
 NUM_CLASSES = {name: len(names) for name, names in CLASSES.items()}
+# Datasets whose class 0 is a real class (no background): the zero-shot labeller's maps (0 = background,
+# 1..N the listed classes) are shifted down by one for them, background becoming 255 (ignore).
+NO_BACKGROUND = frozenset({"ade20k"})
 
 assert len(VOC_CLASSES) == 21 and len(COCO_CLASSES) == 81 and len(COCO_CATEGORY_IDS) == 80
+assert len(ADE20K_CLASSES) == 150 and len(set(ADE20K_CLASSES)) == 150

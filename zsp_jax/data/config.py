@@ -19,6 +19,7 @@ from zsp_jax.data import bad_input, readers, splits
 from zsp_jax.data.classes import NUM_CLASSES
 
 SOURCES = ("tfds", "folder")
+UNIMATCH_SPLITS = {"voc": "pascal", "coco": "coco", "ade20k": "ade20k"}  # folder names under UniMatch's splits/
 STRONG_AUG = ("device", "host")
 # Any directory name under data.splits_dir: counts ("92"), fractions ("1_16") and UniMatch's
 # published lists ("u2pl_1_16") alike.
@@ -27,10 +28,11 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # The defaults are PASCAL VOC's, as UniMatch trains it; configs/*.py override what their dataset needs.
 DATA = (
-    Setting("dataset", "voc", "layout and class list: voc (21 classes) | coco (81)"),
-    Setting("num_classes", 21, "classes including background (voc 21, coco 81)"),
+    Setting("dataset", "voc", "layout and class list: voc (21 classes) | coco (81) | ade20k (150, no background)"),
+    Setting("num_classes", 21, "classes including background (voc 21, coco 81; ade20k 150, which has none)"),
     Setting("root", "data/VOCdevkit/VOC2012", "the dataset root (VOC: the folder holding JPEGImages/, or VOCdevkit, "
-                                              "or its parent; COCO: holding train2017/, val2017/, masks/)"),
+                                              "or its parent; COCO: holding train2017/, val2017/, masks/; ADE20K: "
+                                              "ADEChallengeData2016, holding images/ and annotations/)"),
     Setting("splits_dir", "data/splits/voc", "<splits_dir>/<split>/{labeled,unlabeled}.txt and val.txt (UniMatch's "
                                              "format; tools/make_splits.py writes them)"),
     Setting("split", "1464", "the labelled split: a folder name under splits_dir (92, 1_16, u2pl_1_16, ...)"),
@@ -40,7 +42,8 @@ DATA = (
     Setting("on_bad_input", "skip", "skip: leave bad files out and list them in bad_input.json | error: stop and "
                                     "list them"),
     Setting("strong_aug", "device", "device: strong views in JAX (the train step) | host: PIL in the workers"),
-    Setting("mix_same_images", True, "CutMix partners are the same images re-augmented, as UniMatch's loaders"),
+    Setting("mix_same_images", True, "CutMix partners are the same images re-augmented, as UniMatch's loaders "
+                                     "(deeplab; UniMatch V2's partner is the flipped batch: no mix stream)"),
     Setting("workers", 8, "Grain worker processes (0: in the main process)"),
     Setting("read_threads", 2, "threads per process decoding and augmenting"),
     Setting("pseudo_labels", "", "zsp: the labeller's folder of pseudo-label maps (\"\": the label stage's output)"),
@@ -97,14 +100,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         return
     if not os.path.isdir(os.path.expanduser(d.root)):
         _fail("data.root", d.root, "no such directory (the dataset root: VOCdevkit/VOC2012 for voc, the folder "
-                                   "holding train2017/, val2017/ and masks/ for coco)")
+                                   "holding train2017/, val2017/ and masks/ for coco, ADEChallengeData2016 for ade20k)")
     lab, unl = splits.split_paths(os.path.expanduser(d.splits_dir), d.split)
     for path in (lab, unl):
         if not os.path.isfile(path):
             _fail("data.split", d.split, f"split file {path} not found; write it with "
                                          f"'python tools/make_splits.py --dataset {d.dataset} --root {d.root} "
                                          f"--out {d.splits_dir} --splits {d.split}' or set data.splits_dir to "
-                                         f"UniMatch's splits/{'pascal' if d.dataset == 'voc' else 'coco'} directory")
+                                         f"UniMatch's splits/{UNIMATCH_SPLITS[d.dataset]} directory")
     if d.unlabeled_dir and not os.path.isdir(os.path.expanduser(d.unlabeled_dir)):
         _fail("data.unlabeled_dir", d.unlabeled_dir, "no such directory")
 

@@ -4,7 +4,7 @@ The host pipeline delivers uint8 crops (weak views) with a per-element ``seed``;
 turns a host batch into the float32 arrays the train step consumes, making the two strong views
 of every unlabelled image on the device.
 
-Why on the device (``tools/bench_input.py``; figures with the machine in the README's
+Why on the device (``tools/bench_input.py``; figures with the machine in docs/benchmarks.md's
 Benchmarks section): the two PIL strong views cost more host CPU per image than the decode and
 weak view together, so moving them off the host halves the host's work per batch, and the host
 sends uint8 instead of float32 (4x fewer bytes). On a CPU-only machine XLA runs them slower than

@@ -7,7 +7,9 @@ the training pipeline.
   ``data.pseudo_labels`` (the label stage's maps) are checked and carried with the unlabelled
   images; bad inputs stop the run with every file named (``on_bad_input="error"``) or are left out
   and listed (``"skip"``);
-* ``eval_sources``: the validation list; ``make_train_pipeline``: the Grain pipeline of a config.
+* ``eval_sources``: the validation list; ``make_train_pipeline``: the Grain pipeline of a config (for
+  ``model.family=unimatch_v2`` without the ``unlabeled_mix`` stream: V2's CutMix partner is the flipped
+  batch; for a dataset without background, ADE20K, the labeller's maps are shifted onto its classes).
 
 The data stage (the pipeline's preview) is ``zsp_jax.data.preview.run_data_stage``.
 """
@@ -24,6 +26,7 @@ import tqdm
 
 from zsp_jax.data import bad_input, decode, pipeline, readers, scan
 from zsp_jax.data import sources
+from zsp_jax.data.classes import NO_BACKGROUND
 from zsp_jax.data import pseudo_labels as pseudo_label_io
 from zsp_jax.data import splits, synthetic, tfds_builders
 
@@ -150,7 +153,8 @@ def training_sources(config: ml_collections.ConfigDict, *, pseudo_labels: str | 
                                     f"labeller's output folder of pseudo-label maps)")
         bar = tqdm.tqdm(total=len(good_u), desc="checking pseudo labels", unit="img", leave=False)
         ok, bad = pseudo_label_io.check_pseudo_labels(
-            good_u, labels_dir, num_classes=d.num_classes, exif=exif_unlabeled or layout.exif,
+            good_u, labels_dir, num_classes=d.num_classes + pseudo_label_shift(config),
+            exif=exif_unlabeled or layout.exif,
             cache_path=os.path.join(config.workdir, "input_scan.json"), progress=bar.update)
         bar.close()
         problems += bad
@@ -204,13 +208,24 @@ def eval_sources(config: ml_collections.ConfigDict) -> EvalSources:
     return EvalSources(source, good, sizes, problems)
 
 
+def pseudo_label_shift(config: ml_collections.ConfigDict) -> int:
+    """1 when the labeller's maps (0 = background, 1..N) must be shifted onto the dataset's classes (a dataset
+    without background: ADE20K), else 0."""
+    return int(config.data.dataset in NO_BACKGROUND)
+
+
 def make_train_pipeline(config: ml_collections.ConfigDict, srcs: TrainingSources,
                         **overrides: Any) -> pipeline.TrainPipeline:
-    """The ``TrainPipeline`` for ``config`` (keyword ``overrides`` replace its arguments, e.g. ``workers``)."""
+    """The ``TrainPipeline`` for ``config`` (keyword ``overrides`` replace its arguments, e.g. ``workers``).
+
+    ``model.family=unimatch_v2`` makes no ``unlabeled_mix`` view (V2 CutMixes with the flipped batch).
+    """
     d, t = config.data, config.train
+    v2 = config.get("model") is not None and config.model.get("family", "deeplab") == "unimatch_v2"
     kwargs: dict[str, Any] = dict(
         crop_size=t.crop_size, global_batch_size=t.batch_size, seed=config.seed, num_classes=d.num_classes,
         workers=d.workers, read_threads=d.read_threads, strong_on_host=d.strong_aug == "host",
-        mix_same_images=d.mix_same_images, exif_unlabeled=srcs.exif_unlabeled, on_bad_input=d.on_bad_input)
+        mix_same_images=d.mix_same_images, exif_unlabeled=srcs.exif_unlabeled, on_bad_input=d.on_bad_input,
+        with_mix=not v2, pseudo_label_shift=pseudo_label_shift(config))
     kwargs.update(overrides)
     return pipeline.TrainPipeline(srcs.labeled, srcs.unlabeled, **kwargs)

@@ -11,6 +11,7 @@ Training (``TrainPipeline``), following UniMatch's loaders:
   iterates the same unlabelled loader twice, i.e. the same images in the same order with fresh
   random augmentations. ``mix_same_images=True`` (default) does exactly that and decodes the image
   once for both; ``False`` draws the mix images from a third, independently shuffled stream.
+  ``with_mix=False`` (UniMatch V2, whose CutMix partner is the flipped batch) makes no mix view.
 * Per-element work runs in ``TrainTransform``: decode, weak view (resize, crop with padding,
   flip) for every image, and, if ``strong_on_host``, the strong views with PIL; otherwise a
   uint32 ``seed`` per unlabelled view for ``device_augment.finalize``.
@@ -27,6 +28,9 @@ Training (``TrainPipeline``), following UniMatch's loaders:
 * Pseudo labels: an unlabelled source wrapped in ``pseudo_labels.WithPseudoLabels`` carries
   each image's label map, which gets the image's geometric augmentation (nearest) in the weak
   view and in the mix view; its padding is marked in ``ignore_mask``, apart from 255 = uncovered.
+  ``pseudo_label_shift=1`` (a dataset without background, ADE20K) moves the labeller's values
+  (0 = background, 1..N the classes) onto the dataset's (``readers.reduce_zero_label``: background ->
+  255, k -> k - 1).
 * Checkpointing: the iterator's ``get_state()``/``set_state()`` (a small JSON-able dict) resumes
   at the same element; ``save_state``/``restore_state`` write and read it atomically.
 
@@ -49,6 +53,7 @@ import jax
 import numpy as np
 
 from zsp_jax.data import augment, bad_input, decode
+from zsp_jax.data.readers import reduce_zero_label
 from zsp_jax.utils import io
 
 log = logging.getLogger(__name__)
@@ -88,7 +93,7 @@ class TrainTransform:
 
     def __init__(self, crop_size: int, *, num_classes: int, strong_on_host: bool = False,
                  exif_labeled: bool = False, exif_unlabeled: bool = False, on_bad_input: str = "error",
-                 with_unlabeled: bool = True):
+                 with_unlabeled: bool = True, with_mix: bool = True, pseudo_label_shift: int = 0):
         self.crop_size = crop_size
         self.num_classes = num_classes
         self.strong_on_host = strong_on_host
@@ -96,6 +101,10 @@ class TrainTransform:
         self.exif_unlabeled = exif_unlabeled
         self.on_bad_input = bad_input.check_policy(on_bad_input)
         self.with_unlabeled = with_unlabeled
+        self.with_mix = with_mix
+        if pseudo_label_shift not in (0, 1):
+            raise ValueError(f"pseudo_label_shift must be 0 or 1, got {pseudo_label_shift}")
+        self.pseudo_label_shift = pseudo_label_shift
 
     def _strong(self, view: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         if self.strong_on_host:
@@ -127,9 +136,12 @@ class TrainTransform:
             label_bytes = rec.get("pseudo_label")
             img, label = decode.decode_pair(rec["image"], label_bytes, rec["name"],
                                             rec.get("pseudo_label_path", rec["name"] + " (pseudo label)"),
-                                            exif=self.exif_unlabeled, num_classes=self.num_classes)
+                                            exif=self.exif_unlabeled, num_classes=self.num_classes
+                                            + self.pseudo_label_shift)
             if label_bytes is not None and label is None:
                 raise bad_input.BadInputError(rec.get("pseudo_label_path", rec["name"]), "empty pseudo-label file")
+            if label is not None and self.pseudo_label_shift:
+                label = reduce_zero_label(label)
             return img, label
         except bad_input.BadInputError as e:
             if self.on_bad_input == "error":
@@ -149,9 +161,10 @@ class TrainTransform:
             return out
         with_label = "pseudo_label" in element[1]
         unl = self._decode(element[1], labeled=False)
-        mix = self._decode(element[2], labeled=False) if len(element) > 2 else unl
         out["unlabeled"] = self._unlabeled_view(unl, with_label, rng)
-        out["unlabeled_mix"] = self._unlabeled_view(mix, with_label, rng)
+        if self.with_mix:
+            mix = self._decode(element[2], labeled=False) if len(element) > 2 else unl
+            out["unlabeled_mix"] = self._unlabeled_view(mix, with_label, rng)
         return out
 
 
@@ -191,13 +204,15 @@ class TrainPipeline:
       on_bad_input: "error" or "skip", for files that fail while training.
       with_unlabeled: False: labelled images only (supervised training; the epoch length is still
         ``n_u // global_batch``, so every mode counts steps alike).
+      with_mix: False: no ``unlabeled_mix`` view (UniMatch V2: the CutMix partner is the flipped batch).
+      pseudo_label_shift: 1 for a dataset without background (see the module docstring), else 0.
     """
 
     def __init__(self, labeled: Any, unlabeled: Any, *, crop_size: int, global_batch_size: int, seed: int,
                  num_classes: int, shard: grain.sharding.ShardOptions | None = None, workers: int = 0,
                  read_threads: int = 2, strong_on_host: bool = False, mix_same_images: bool = True,
                  exif_labeled: bool = False, exif_unlabeled: bool = False, on_bad_input: str = "error",
-                 with_unlabeled: bool = True):
+                 with_unlabeled: bool = True, with_mix: bool = True, pseudo_label_shift: int = 0):
         shard = shard or grain.sharding.ShardByJaxProcess(drop_remainder=True)
         self.shard_index, self.shard_count = shard.shard_index, shard.shard_count
         n_l, n_u = len(labeled), len(unlabeled)
@@ -228,14 +243,15 @@ class TrainPipeline:
         parts = [stream(labeled, int(seeds[0]), repeat_to=n_u)]
         if with_unlabeled:
             parts.append(stream(unlabeled, int(seeds[1])))
-            if not mix_same_images:
+            if with_mix and not mix_same_images:
                 parts.append(stream(unlabeled, int(seeds[2])))
         # Global element k = (labelled k, unlabelled k[, mix k]); global batch t = elements [t G, (t + 1) G).
         self.records = grain.experimental.ZipMapDataset(parts)
         ds = self.records.random_map(
             TrainTransform(crop_size, num_classes=num_classes, strong_on_host=strong_on_host,
                            exif_labeled=exif_labeled, exif_unlabeled=exif_unlabeled, on_bad_input=on_bad_input,
-                           with_unlabeled=with_unlabeled), seed=int(seeds[3]))
+                           with_unlabeled=with_unlabeled, with_mix=with_mix, pseudo_label_shift=pseudo_label_shift),
+            seed=int(seeds[3]))
         # Batches are made before the per-process slice and before the workers: process p takes
         # batch t's contiguous rows [p b, (p + 1) b), and each worker makes whole batches, so a
         # global batch is the same whatever the process or worker count (a worker count that

@@ -7,6 +7,14 @@
   in one place) works the same way.
 * COCO 2017 semantic (UniMatch's layout): ``train2017/``, ``val2017/`` and ``masks/<stem>.png``
   (81 classes, written by ``tools/prepare_coco.py``).
+* ADE20K (``ADEChallengeData2016``, UniMatch V2's layout): ``images/{training,validation}/*.jpg`` and
+  ``annotations/{training,validation}/<stem>.png``; 150 classes (``classes.ADE20K_CLASSES``), no background.
+  The masks are read as stored, as UniMatch V2's ``dataset/semi.py`` reads them (no label mapping in
+  its code): V2 trains on its own pre-processed annotations (linked from its README), whose values are
+  the class indices 0..149 and 255 for ADE's unlabelled "other" pixels. The annotations of the
+  original ADEChallengeData2016 zip hold 0 = other and 1..150 instead; ``reduce_zero_label`` maps
+  them to V2's form (0 -> 255, k -> k - 1), and ``Ade20kLayout`` refuses such a folder (see
+  ``check_ade20k_annotations``) rather than train with every class shifted by one.
 * A plain folder of images (a user's own data), searched recursively, no labels.
 
 An example's ``name`` is its image path relative to the dataset root, exactly as the first
@@ -20,8 +28,10 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
-DATASETS = ("voc", "coco")
+DATASETS = ("voc", "coco", "ade20k")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,12 +163,89 @@ class CocoLayout(Layout):
         return [self.resolve(f"{name}2017/{f}") for f in files]
 
 
+def find_ade20k_root(root: str) -> str:
+    """The directory holding ``images/`` and ``annotations/``: ``root`` or ``root/ADEChallengeData2016``."""
+    root = os.path.abspath(os.path.expanduser(root))
+    for cand in (root, os.path.join(root, "ADEChallengeData2016")):
+        if os.path.isdir(os.path.join(cand, "images")) and os.path.isdir(os.path.join(cand, "annotations")):
+            return cand
+    raise FileNotFoundError(f"no ADE20K directory (with images/ and annotations/) at {root} or "
+                            f"{root}/ADEChallengeData2016")
+
+
+def reduce_zero_label(mask: np.ndarray) -> np.ndarray:
+    """An original ADEChallengeData2016 annotation (uint8 (H, W): 0 = other, 1..150 the classes) in UniMatch V2's
+    form, uint8 (H, W): 0 -> 255 (ignore), k -> k - 1 (classes 0..149). Values already 255 stay 255."""
+    mask = np.asarray(mask, np.uint8)
+    return np.where((mask == 0) | (mask == 255), np.uint8(255), mask - np.uint8(1)).astype(np.uint8)
+
+
+def check_ade20k_annotations(root: str, subset: str = "validation", probe: int = 20) -> None:
+    """Raises ``ValueError`` when the annotations under ``root`` are the original zip's (0 = other, 1..150),
+    not UniMatch V2's pre-processed ones (0..149, 255 = other).
+
+    Read from up to ``probe`` masks: the original annotations mark "other" with 0 and never use 255; V2's
+    mark it with 255 (every ADE image has some), so masks that hold 0 or 150 and never 255 are the
+    original form. (With too few masks to tell, nothing is raised: the class-range check of every mask
+    still stops a value of 150.)
+    """
+    from PIL import Image
+
+    folder = os.path.join(root, "annotations", subset)
+    if not os.path.isdir(folder):
+        return
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:probe]
+    has_ignore, has_zero_or_150 = False, False
+    for name in names:
+        try:
+            with Image.open(os.path.join(folder, name)) as img:
+                counts = np.bincount(np.asarray(img).reshape(-1).astype(np.int64), minlength=256)
+        except (OSError, ValueError):
+            continue  # a bad file is reported by the input scan, naming it
+        has_ignore |= bool(counts[255])
+        has_zero_or_150 |= bool(counts[0] or counts[150])
+    if names and has_zero_or_150 and not has_ignore:
+        raise ValueError(f"the ADE20K annotations in {os.path.join(root, 'annotations')} are the original "
+                         f"ADEChallengeData2016 ones (0 = other, classes 1..150); UniMatch V2 trains on its "
+                         f"pre-processed annotations (classes 0..149, 255 = other), linked from its README. Use "
+                         f"those, or write them with zsp_jax.data.readers.reduce_zero_label (0 -> 255, k -> k - 1)")
+
+
+class Ade20kLayout(Layout):
+    """ADE20K (``ADEChallengeData2016``): ``images/{training,validation}/``, ``annotations/{...}/<stem>.png``
+    (UniMatch V2's annotations: classes 0..149, 255 = other). ``root`` may be the folder itself or its parent."""
+
+    dataset = "ade20k"
+    subsets = ("training", "validation")
+
+    def __init__(self, root: str, *, check_annotations: bool = True):
+        super().__init__(find_ade20k_root(root))
+        if check_annotations:
+            check_ade20k_annotations(self.root)
+
+    def mask_candidates(self, image_rel: str) -> list[str]:
+        parts = image_rel.replace(os.sep, "/").split("/")
+        subset = parts[1] if len(parts) >= 3 and parts[0] == "images" else "training"
+        return [os.path.join(self.root, "annotations", subset, _stem(image_rel) + ".png")]
+
+    def subset(self, name: str) -> list[Example]:
+        if name not in self.subsets:
+            raise ValueError(f"unknown ADE20K subset {name!r}; expected one of {list(self.subsets)}")
+        folder = os.path.join(self.root, "images", name)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"ADE20K image folder {folder} not found")
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        return [self.resolve(f"images/{name}/{f}") for f in files]
+
+
 def make_layout(dataset: str, root: str) -> Layout:
-    """The layout reader for ``dataset`` ("voc" or "coco") rooted at ``root``."""
+    """The layout reader for ``dataset`` ("voc", "coco" or "ade20k") rooted at ``root``."""
     if dataset == "voc":
         return VocLayout(root)
     if dataset == "coco":
         return CocoLayout(root)
+    if dataset == "ade20k":
+        return Ade20kLayout(root)
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS)}")
 
 

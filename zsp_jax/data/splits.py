@@ -8,8 +8,12 @@ evaluation images in the same format.
 
 Split names: a count (``92``, ``1464``: labelled images drawn from the VOC ``train`` list, the
 rest of ``train_aug`` unlabelled) or a fraction ``1_N`` (``ceil(len(pool) / N)`` labelled images
-drawn from the whole pool: VOC ``train_aug`` or COCO ``train``). The sizes match UniMatch's
-lists (1_16 of VOC: 662; 1_512 of COCO: 232).
+drawn from the whole pool: VOC ``train_aug``, COCO ``train`` or ADE20K ``training``). The sizes match
+UniMatch's lists (1_16 of VOC: 662; 1_512 of COCO: 232) and UniMatch V2's ADE20K lists (1_64 of 20,210: 316).
+
+UniMatch V2's published lists (``splits/pascal``, ``splits/coco``, ``splits/ade20k`` of its repository) are
+in the same format (image path and mask path with extensions, relative to the dataset root, a ``val.txt``
+beside the split folders) and are read as they are: point ``data.splits_dir`` at one of them.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from zsp_jax.utils import io
 
 VOC_SPLITS = ("92", "183", "366", "732", "1464", "1_16", "1_8", "1_4", "1_2")
 COCO_SPLITS = ("1_512", "1_256", "1_128", "1_64", "1_32")
-SPLITS = {"voc": VOC_SPLITS, "coco": COCO_SPLITS}
+ADE20K_SPLITS = ("1_64", "1_32", "1_16", "1_8", "1_4", "1_2")  # UniMatch V2's splits/ade20k
+SPLITS = {"voc": VOC_SPLITS, "coco": COCO_SPLITS, "ade20k": ADE20K_SPLITS}
 # The pool split files draw from, and (for count splits) where the labelled images come from.
-POOL = {"voc": "train_aug", "coco": "train"}
+POOL = {"voc": "train_aug", "coco": "train", "ade20k": "training"}
 COUNT_SOURCE = {"voc": "train"}
-VAL = {"voc": "val", "coco": "val"}
+VAL = {"voc": "val", "coco": "val", "ade20k": "validation"}
 
 
 def read_split_file(path: str) -> list[tuple[str, str | None]]:

@@ -1,6 +1,7 @@
-"""TFDS builders (ArrayRecord, no TensorFlow) for VOC 2012 + SBD and COCO 2017 semantic segmentation.
+"""TFDS builders (ArrayRecord, no TensorFlow) for VOC 2012 + SBD, COCO 2017 semantic segmentation and ADE20K.
 
-The manual directory is the dataset root of ``readers.VocLayout`` / ``readers.CocoLayout``.
+The manual directory is the dataset root of ``readers.VocLayout`` / ``readers.CocoLayout`` /
+``readers.Ade20kLayout``.
 Records hold the original encoded files (``image`` JPEG/PNG bytes, ``mask`` PNG bytes), the
 example ``name`` (split-file form, ``JPEGImages/x.jpg``) and the image ``height``/``width``. Bytes,
 not decoded arrays: TFDS's ``Image`` feature needs TensorFlow to encode arrays, stored originals
@@ -30,7 +31,7 @@ from zsp_jax.data import bad_input, readers, scan
 from zsp_jax.data.classes import NUM_CLASSES
 
 VERSION = "1.0.0"
-SUBSETS = {"voc": ("train_aug", "val"), "coco": ("train", "val")}
+SUBSETS = {"voc": ("train_aug", "val"), "coco": ("train", "val"), "ade20k": ("training", "validation")}
 
 
 class _SemanticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -104,7 +105,14 @@ class ZspCocoSemantic(_SemanticBuilder):
     DATASET = "coco"
 
 
-BUILDERS = {"voc": ZspVocAug, "coco": ZspCocoSemantic}
+class ZspAde20k(_SemanticBuilder):
+    """ADE20K (ADEChallengeData2016 with UniMatch V2's annotations, 150 classes, 255 = other): splits ``training``
+    (20,210) and ``validation`` (2,000)."""
+
+    DATASET = "ade20k"
+
+
+BUILDERS = {"voc": ZspVocAug, "coco": ZspCocoSemantic, "ade20k": ZspAde20k}
 
 
 def build_dir(dataset: str, tfds_dir: str) -> str:

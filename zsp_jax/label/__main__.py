@@ -84,15 +84,15 @@ def main(argv: list[str]) -> None:
 
     def run() -> None:
         from zsp_jax import preflight, runtime
-        from zsp_jax.label import stage
+        from zsp_jax.label import labelling
 
         config = _CONFIG.value
         apply_flags(config)
         problems = preflight.check(config, {"label"})
         if problems:
             raise cli.UsageError("\n".join(in_flag_terms(p) for p in problems))
-        logs["file"] = runtime.route_logs(stage.out_dir_of(config), verbose=_VERBOSE.value)
-        stage.run(config, progress=not _QUIET.value)
+        logs["file"] = runtime.route_logs(labelling.out_dir_of(config), verbose=_VERBOSE.value)
+        labelling.run(config, progress=not _QUIET.value)
 
     cli.run_main(run, verbose=lambda: _VERBOSE.value, log_file=lambda: logs.get("file"))
 

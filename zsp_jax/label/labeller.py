@@ -37,7 +37,8 @@ from zsp_jax.amg.generator import check_outputs
 from zsp_jax.amg.geometry import Bucket, folder_buckets
 from zsp_jax.amg.inputs import AmgInputs, abstract_inputs, prepare_inputs
 from zsp_jax.amg.plan import Plan
-from zsp_jax.amg.programs import BucketPrograms, MemoryBudget, Program
+from zsp_jax.amg.programs import BucketPrograms, Program
+from zsp_jax.utils.memory import MemoryBudget
 from zsp_jax.label.options import LabelOptions
 from zsp_jax.label.program import LabelInputs, LabelOutputs, LabelPlan, label_group
 from zsp_jax.models.sam.transforms import resize_longest_side_shape

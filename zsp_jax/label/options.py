@@ -1,10 +1,11 @@
 """The labeller's settings: the ``label.*`` config section and the frozen options built from it.
 
-``default_label_config()`` is the one place the fields, their defaults and their meaning are
-written down; ``configs/*.py`` start from it and ``python -m zsp_jax.label`` uses it when no
-``--config`` is given. ``LabelOptions.from_config`` checks every field (errors name the field)
-and turns the section into hashable options: the part that shapes the compiled program
-(``Rules``, ``AmgOptions``, ``GemConfig``, sizes) is a static argument of ``jax.jit``.
+``LABEL`` (and ``AMG``, its ``label.amg`` sub-section) is the one place the fields, their defaults and
+their meaning are written down (``docs/settings.md`` is generated from them); ``configs/*.py`` build their
+``label`` section with ``section(LABEL, ...)``, and ``python -m zsp_jax.label`` uses
+``default_label_config()`` when no ``--config`` is given. ``LabelOptions.from_config`` checks every field
+(errors name the field) and turns the section into hashable options: the part that shapes the compiled
+program (``Rules``, ``AmgOptions``, ``GemConfig``, sizes) is a static argument of ``jax.jit``.
 
 Defaults follow the paper where it speaks (SAM automatic masks, GEM-CLIP dense features,
 masked-average segment embeddings, best cosine class, a threshold to background) and
@@ -21,7 +22,7 @@ from typing import Any
 import ml_collections
 
 from zsp_jax.amg import AmgOptions, tuning
-from zsp_jax.config_utils import check_choice, check_range
+from zsp_jax.config_utils import Setting, check_choice, check_range, section
 from zsp_jax.models.attention import ATTENTION_CHOICES
 from zsp_jax.models.clip import GemConfig
 
@@ -37,88 +38,111 @@ IGNORE = 255
 THROUGHPUT_FIELDS = ("device_memory_gb", "memory_fraction", "bucket_min_images")
 
 
-def default_label_config() -> ml_collections.ConfigDict:
-    """The ``label`` config section with its defaults (see the comments for each field)."""
-    c = ml_collections.ConfigDict()
-    # --- what to label and where the results go
-    c.images_dir = ""               # a folder of images to label (recursive); "" = the config's data split
-    c.split = "unlabeled"           # without images_dir: label the split's unlabeled | labeled | both images
-    c.gt_dir = ""                   # with images_dir: ground-truth masks at <gt_dir>/<name>.png, for evaluation
-    c.out_dir = ""                  # results; "" = <workdir>/pseudo_labels
-    c.evaluate = True               # compare with ground truth wherever it exists (eval.json, report)
-    c.sweep_thresholds = ""         # e.g. "0.1:0.4:0.05": mIoU per cosine threshold (needs write_segments)
-    c.overwrite = False             # relabel everything in out_dir (else finished images are kept)
-    c.retry_failed = False          # try again the images a previous run could not read
-    c.classes = "voc"               # voc | coco | "cat,dog" | a class file (one per line, 'name: prompt; prompt')
-    c.templates = "single"          # single ("a photo of a {}.", GEM's) | imagenet80 (CLIP's 80-template ensemble)
-    c.synonyms = "max"              # a class with several prompts scores its best prompt (max) or their mean
-    # --- checkpoints (.safetensors converted by tools/convert_*.py, or PyTorch files converted on first use)
-    c.sam_checkpoint = ""           # sam_vit_h_4b8939.pth / sam_vit_b_01ec64.pth or a converted .safetensors
-    c.sam_allow_custom = False      # convert a .pth that is none of vit_b / vit_l / vit_h (else refused)
-    c.sam_variant = ""              # checked before a run starts: vit_b | vit_l | vit_h ("" = any)
-    c.clip_checkpoint = ""          # OpenAI ViT-B-16.pt, an open_clip file, a transformers dir or a .safetensors
-    c.clip_model_name = ""          # open_clip model name when the file needs one (activation, ViT-H head width)
-    c.clip_variant = ""             # checked before a run starts: vit_b16 | vit_b32 | vit_l14 | ... ("" = any)
-    # --- GEM dense features (defaults: gem.create_gem_model)
-    c.clip_size = 448               # GEM's input: the image resized (bicubic, aspect not kept) to this square
-    c.gem_depth = 7                 # GEM on the last depth - 1 vision blocks
-    c.gem_iterations = 1            # self-self attention clustering iterations
-    c.gem_temperature = 0.0         # 0 = GEM's adaptive temperature; > 0 = a fixed inverse temperature
-    # --- segment -> class
-    c.pooling = "bilinear"          # segment embedding = masked average of the features resized to the image:
-                                    # bilinear (as GEM resizes its maps) | area (each pixel takes its cell's feature)
-    c.normalize_tokens = True       # L2-normalise each patch feature before averaging [assumption]
-    c.no_class = "cosine"           # background when the best cosine < threshold (the paper's "no class exceeds")
-                                    # | softmax: when max softmax(temperature * cos) < threshold | none
-    c.threshold = 0.2               # [assumption; tune it on labelled images: python -m zsp_jax.label --eval]
-    c.temperature = 100.0           # softmax scale (CLIP's logit scale) for no_class="softmax"
-    c.background_prompts = ""       # e.g. "sky; wall; floor": segments closest to these become background
-    c.paint_order = "area_desc"     # overlapping segments: area_desc = larger first, smaller on top [assumption]
-                                    # | area_asc | iou_asc (higher predicted IoU on top)
-    c.uncovered = "ignore"          # pixels no segment covers: ignore (255) [assumption] | background (0)
-    # --- SAM automatic mask generator (segment-anything's names and defaults, tuned there for ViT-H)
-    c.amg = ml_collections.ConfigDict()
-    c.amg.points_per_side = 32
-    c.amg.points_per_batch = 64
-    c.amg.pred_iou_thresh = 0.88
-    c.amg.stability_score_thresh = 0.95
-    c.amg.stability_score_offset = 1.0
-    c.amg.box_nms_thresh = 0.7
-    c.amg.crop_n_layers = 0
-    c.amg.crop_nms_thresh = 0.7
-    c.amg.crop_overlap_ratio = 512 / 1500
-    c.amg.crop_n_points_downscale_factor = 1
-    c.amg.mode = "exact"            # exact (the reference's statistics) | fast (on a strided pixel grid)
-    c.amg.max_masks = 256           # segments kept per image (a warning in the manifest when more survive)
-    # --- image sizes and compiled programs
-    c.bucket = 64                   # images are padded to a multiple of this; one compiled program per padded size
-    c.max_side = 1024               # label larger images at this longer side and resize the map (0 = never)
-    c.letterbox = 0                 # > 0: resize every image to this longer side: one program for all images
-    # --- outputs besides labels/<id>.png
-    c.write_confidence = False      # confidence/<id>.png: the winning segment's score x 255
-    c.write_segments = False        # segments/<id>.json: COCO-RLE masks with class, similarity, IoU, stability, bbox
-    c.write_overlays = False        # overlays/<id>.jpg: the image with its pseudo label blended in
-    c.report_images = 24            # images in report.html (0 = no report)
-    # --- numerics and throughput ("auto" = chosen per device kind and memory, see README)
-    c.dtype = "auto"                # float32 | bfloat16 compute for SAM and CLIP
-    c.matmul_precision = "auto"     # highest | high | default (jax_default_matmul_precision while compiling)
-    c.attention = "auto"            # SAM/CLIP attention: auto (by backend) | xla | cudnn (GPU, bfloat16) | einsum
+def _auto_or_int() -> ml_collections.FieldReference:
+    """``"auto"`` in a field typed ``object``, so that ``--config.label.<field>=8`` may set an int (a ``str``
+    field would refuse it); a new reference per config (a shared one would carry one config's value to all)."""
+    return ml_collections.FieldReference("auto", field_type=object)
+
+
+# SAM's automatic mask generator: segment-anything's names and defaults (tuned there for ViT-H), plus the two
+# fields of the static-shape implementation (zsp_jax.amg.AmgOptions).
+AMG = (
+    Setting("points_per_side", 32, "points along one side of the prompt grid (points_per_side ** 2 prompts)"),
+    Setting("points_per_batch", 64, "prompts decoded at once (the results do not depend on it)"),
+    Setting("pred_iou_thresh", 0.88, "keep masks whose predicted IoU is > this (no filter when <= 0)"),
+    Setting("stability_score_thresh", 0.95, "keep masks whose stability score is >= this (no filter when <= 0)"),
+    Setting("stability_score_offset", 1.0, "logit offset of the stability score's two thresholds"),
+    Setting("box_nms_thresh", 0.7, "box IoU above which a mask is suppressed, within one crop"),
+    Setting("crop_n_layers", 0, "crop layers; layer i has (2 ** i) ** 2 crops"),
+    Setting("crop_nms_thresh", 0.7, "box IoU of the NMS across crops (smaller crops win)"),
+    Setting("crop_overlap_ratio", 512 / 1500, "overlap of neighbouring crops in layer 1, a fraction of the short side "
+                                             "(512 / 1500)"),
+    Setting("crop_n_points_downscale_factor", 1, "layer i uses points_per_side / factor ** i points per side"),
+    Setting("mode", "exact", "exact (the reference's statistics) | fast (on a strided pixel grid)"),
+    Setting("max_masks", 256, "segments kept per image (a warning in the manifest when more survive)"),
+)
+
+LABEL = (
+    # what to label and where the results go
+    Setting("images_dir", "", "a folder of images to label (recursive); \"\" = the config's data split"),
+    Setting("split", "unlabeled", "without images_dir: label the split's unlabeled | labeled | both images"),
+    Setting("gt_dir", "", "with images_dir: ground-truth masks at <gt_dir>/<name>.png, for evaluation"),
+    Setting("out_dir", "", "results; \"\" = <workdir>/pseudo_labels"),
+    Setting("evaluate", True, "compare with ground truth wherever it exists (eval.json, report)"),
+    Setting("sweep_thresholds", "", "e.g. \"0.1:0.4:0.05\": mIoU per cosine threshold (needs write_segments)"),
+    Setting("overwrite", False, "relabel everything in out_dir (else finished images are kept)"),
+    Setting("retry_failed", False, "try again the images a previous run could not read"),
+    Setting("classes", "voc", "voc | coco | \"cat,dog\" | a class file (one per line, 'name: prompt; prompt')"),
+    Setting("templates", "single", "single (\"a photo of a {}.\", GEM's) | imagenet80 (CLIP's 80-template "
+                                   "ensemble)"),
+    Setting("synonyms", "max", "a class with several prompts scores its best prompt (max) or their mean"),
+    # checkpoints (.safetensors converted by tools/convert_*.py, or PyTorch files converted on first use)
+    Setting("sam_checkpoint", "", "sam_vit_h_4b8939.pth / sam_vit_b_01ec64.pth or a converted .safetensors "
+                                  "(PyTorch files are converted on first use)"),
+    Setting("sam_allow_custom", False, "convert a .pth that is none of vit_b / vit_l / vit_h (else refused)"),
+    Setting("sam_variant", "", "checked before a run starts: vit_b | vit_l | vit_h (\"\" = any)"),
+    Setting("clip_checkpoint", "", "OpenAI ViT-B-16.pt, an open_clip file, a transformers dir or a .safetensors"),
+    Setting("clip_model_name", "", "open_clip model name when the file needs one (activation, ViT-H head width)"),
+    Setting("clip_variant", "", "checked before a run starts: vit_b16 | vit_b32 | vit_l14 | ... (\"\" = any)"),
+    # GEM dense features (defaults: gem.create_gem_model)
+    Setting("clip_size", 448, "GEM's input: the image resized (bicubic, aspect not kept) to this square"),
+    Setting("gem_depth", 7, "GEM on the last depth - 1 vision blocks"),
+    Setting("gem_iterations", 1, "self-self attention clustering iterations"),
+    Setting("gem_temperature", 0.0, "0 = GEM's adaptive temperature; > 0 = a fixed inverse temperature"),
+    # segment -> class
+    Setting("pooling", "bilinear", "segment embedding = masked average of the features resized to the image: "
+                                   "bilinear (as GEM resizes its maps) | area (each pixel takes its cell's feature)"),
+    Setting("normalize_tokens", True, "L2-normalise each patch feature before averaging [assumption]"),
+    Setting("no_class", "cosine", "background when the best cosine < threshold (the paper's \"no class exceeds\") | "
+                                  "softmax: when max softmax(temperature * cos) < threshold | none"),
+    Setting("threshold", 0.2, "the no_class rule's threshold [assumption; tune it on labelled images: "
+                              "python -m zsp_jax.label --eval]"),
+    Setting("temperature", 100.0, "softmax scale (CLIP's logit scale) for no_class=\"softmax\""),
+    Setting("background_prompts", "", "e.g. \"sky; wall; floor\": segments closest to these become background"),
+    Setting("paint_order", "area_desc", "overlapping segments: area_desc = larger first, smaller on top "
+                                        "[assumption] | area_asc | iou_asc (higher predicted IoU on top)"),
+    Setting("uncovered", "ignore", "pixels no segment covers: ignore (255) [assumption] | background (0)"),
+    Setting("amg", lambda: section(AMG), "SAM's automatic mask generator (segment-anything's names and defaults, "
+                                         "tuned there for ViT-H): the label.amg section"),
+    # image sizes and compiled programs
+    Setting("bucket", 64, "images are padded to a multiple of this; one compiled program per padded size"),
+    Setting("max_side", 1024, "label larger images at this longer side and resize the map (0 = never)"),
+    Setting("letterbox", 0, "> 0: resize every image to this longer side: one program for all images"),
+    # outputs besides labels/<id>.png
+    Setting("write_confidence", False, "confidence/<id>.png: the winning segment's score x 255"),
+    Setting("write_segments", False, "segments/<id>.json: COCO-RLE masks with class, similarity, IoU, stability, "
+                                     "bbox"),
+    Setting("write_overlays", False, "overlays/<id>.jpg: the image with its pseudo label blended in"),
+    Setting("report_images", 24, "images in report.html (0 = no report)"),
+    # numerics and throughput ("auto" = chosen per device kind and memory, see README)
+    Setting("dtype", "auto", "float32 | bfloat16 compute for SAM and CLIP (auto: by device kind)"),
+    Setting("matmul_precision", "auto", "highest | high | default (jax_default_matmul_precision while compiling; "
+                                        "auto: by device kind)"),
+    Setting("attention", "auto", "SAM/CLIP attention: auto (by backend) | xla | cudnn (GPU, bfloat16) | einsum"),
     # Sizes of the compiled programs: an int, or auto = per size bucket, the largest (up to the device kind's
     # limit, zsp_jax/amg/tuning.py) whose XLA memory estimate fits memory_fraction of device_memory_gb.
-    c.images_per_device = ml_collections.FieldReference("auto", field_type=object)  # images per device step
-    c.decoder_group = ml_collections.FieldReference("auto", field_type=object)  # prompts per decoder call
-    c.mask_chunk = ml_collections.FieldReference("auto", field_type=object)  # kept masks upsampled at once
-    c.device_memory_gb = 0.0        # memory per device for auto; 0 = the device's own limit (CPU: RAM / devices)
-    c.memory_fraction = 0.8         # share of device_memory_gb a program's XLA estimate may take
-    # A folder of mixed sizes: size buckets merge until each compiled program serves at least this many images
-    # (auto: 8 on CPU, 64 on accelerators; 1 = one program per padded size). Images keep their own size.
-    c.bucket_min_images = ml_collections.FieldReference("auto", field_type=object)
-    c.decode_threads = 4            # host threads decoding and preparing images ahead of the device
-    c.write_threads = 4             # host threads writing outputs
-    c.prefetch = 2                  # batches prepared ahead of the device
-    c.compile_cache = True          # JAX's persistent compilation cache: reruns do not recompile
-    c.compile_cache_dir = ""        # where it lives; "" = <out>/.jax_cache
-    return c
+    Setting("images_per_device", _auto_or_int, "images per device step: an int, or auto (the largest whose XLA "
+                                               "memory estimate fits memory_fraction of device_memory_gb)"),
+    Setting("decoder_group", _auto_or_int, "prompts per decoder call: an int, or auto (likewise)"),
+    Setting("mask_chunk", _auto_or_int, "kept masks upsampled at once: an int, or auto (likewise)"),
+    Setting("device_memory_gb", 0.0, "memory per device for auto; 0 = the device's own limit (CPU: RAM / devices)"),
+    Setting("memory_fraction", 0.8, "share of device_memory_gb a program's XLA estimate may take"),
+    Setting("bucket_min_images", _auto_or_int, "a folder of mixed sizes: size buckets merge until each compiled "
+                                               "program serves at least this many images (auto: 8 on CPU, 64 on "
+                                               "accelerators; 1 = one program per padded size); images keep their "
+                                               "own size"),
+    Setting("decode_threads", 4, "host threads decoding and preparing images ahead of the device"),
+    Setting("write_threads", 4, "host threads writing outputs"),
+    Setting("prefetch", 2, "batches prepared ahead of the device"),
+    Setting("compile_cache", True, "JAX's persistent compilation cache: reruns do not recompile"),
+    Setting("compile_cache_dir", "", "where it lives; \"\" = <out>/.jax_cache"),
+)
+
+
+def default_label_config() -> ml_collections.ConfigDict:
+    """The ``label`` config section with every field's default (``LABEL``, its ``amg`` sub-section ``AMG``)."""
+    return section(LABEL)
+
 
 
 @dataclasses.dataclass(frozen=True)

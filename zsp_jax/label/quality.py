@@ -3,7 +3,7 @@
 Every pseudo-label map with a ground-truth mask is compared pixel by pixel through
 ``zsp_jax.metrics`` (the confusion matrix the trainer's evaluation uses: ground truth 255 is
 ignored; a pseudo label of 255 — no segment — counts as a miss for the true class). Two views
-are reported (``/work/shared/research/method.md`` section 7):
+are reported (docs/labeller.md, quality):
 
 * ``as_labelled``: uncovered pixels stay "no label": mIoU over covered pixels' decisions plus
   ``coverage``, the share of valid pixels that got a label;

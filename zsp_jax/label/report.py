@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from zsp_jax.label import outputs as O
+from zsp_jax.label import outputs
 from zsp_jax.utils import io
 
 THUMB = 240  # longer side of a thumbnail, pixels
@@ -43,7 +43,7 @@ def _class_pixels_chart(path: str, names: Sequence[str], pixels: np.ndarray) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = O.PALETTE[: len(names)] / 255.0
+    colours = outputs.PALETTE[: len(names)] / 255.0
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.2), dpi=100)
     ax.bar(range(len(names)), pixels / max(pixels.sum(), 1) * 100, color=colours, edgecolor="k", linewidth=0.3)
     ax.set_xticks(range(len(names)))
@@ -84,10 +84,10 @@ def write_report(out_dir: str, classes: Any, entries: dict[str, dict[str, Any]],
                 label = decode_mask(f.read())
         except Exception:  # noqa: BLE001 - a file removed since: leave it out of the report
             continue
-        cells = [("image", _thumb(image, False)), ("pseudo label", _thumb(O.colourize(label), True))]
+        cells = [("image", _thumb(image, False)), ("pseudo label", _thumb(outputs.colourize(label), True))]
         if n in gt_of and gt_of[n] and os.path.isfile(gt_of[n]):
             with open(gt_of[n], "rb") as f:
-                cells.append(("ground truth", _thumb(O.colourize(decode_mask(f.read())), True)))
+                cells.append(("ground truth", _thumb(outputs.colourize(decode_mask(f.read())), True)))
         tds = []
         for j, (what, arr) in enumerate(cells):
             fname = f"{k:04d}_{j}.png"
@@ -97,9 +97,9 @@ def write_report(out_dir: str, classes: Any, entries: dict[str, dict[str, Any]],
         rows.append(f"<tr><td class=name>{html.escape(n)}<br><small>{e['segments']} segments, "
                     f"covered {100 * e['covered']:.0f} %<br>{present}</small></td>{''.join(tds)}</tr>")
 
-    legend = "".join(f'<span class=sw style="background:rgb{tuple(O.PALETTE[i].tolist())}"></span>'
+    legend = "".join(f'<span class=sw style="background:rgb{tuple(outputs.PALETTE[i].tolist())}"></span>'
                      f"{i} {html.escape(nm)} &nbsp; " for i, nm in enumerate(names))
-    legend += f'<span class=sw style="background:rgb{tuple(O.PALETTE[255].tolist())}"></span>255 ignore'
+    legend += f'<span class=sw style="background:rgb{tuple(outputs.PALETTE[255].tolist())}"></span>255 ignore'
     slow = sorted(ok, key=lambda n: -sum(entries[n].get("seconds", {}).values()))[:10]
     slow_rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{entries[n]['height']}x{entries[n]['width']}</td>"
                         f"<td>{entries[n]['segments']}</td><td>{sum(entries[n]['seconds'].values()):.2f}</td></tr>"

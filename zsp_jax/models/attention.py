@@ -1,19 +1,22 @@
 """Softmax attention for SAM and CLIP/GEM, one entry point with a choice of implementation.
 
-``dot_product_attention(q, k, v, attention=..., ...)`` takes the layout of
-``jax.nn.dot_product_attention`` (queries (B, T, N, H), keys/values (B, S, N, H): a projection's
-output reshaped, no transpose) and computes softmax(scale * q k^T + bias, masked) v with float32
-logits and softmax whatever the compute dtype. ``attention`` selects how:
+``dot_product_attention(q, k, v, attention=..., ...)`` computes softmax(scale * q k^T + bias,
+masked) v with float32 logits and softmax whatever the compute dtype. Its operands have the
+layout of ``jax.nn.dot_product_attention``, queries (B, T, N, H) and keys/values (B, S, N, H) (a
+projection's output reshaped, no transpose), or heads first, (B, N, T, H), with
+``heads_first=True``: the einsum form's own layout, which callers choose where
+``heads_first(attention)`` says so, so that neither layout is transposed into the other around
+every attention. ``attention`` selects how:
 
 * ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``.
 * ``"cudnn"``: the same call with ``implementation="cudnn"``: cuDNN's fused (flash) attention
   on NVIDIA GPUs. It takes float16/bfloat16 inputs only and head dims that are a multiple of 8
   and at most 128 (256 from Hopper on); asked for explicitly where it cannot run, it raises a
   ``ValueError`` that names the option.
-* ``"einsum"``: two einsums around a float32 softmax, heads moved ahead of the tokens first.
-  Kept because it is the fastest form on CPU, where XLA runs the batched matmuls of
+* ``"einsum"``: two einsums around a float32 softmax on heads-first operands. Kept because it
+  is the fastest form on CPU, where XLA runs the batched matmuls of
   ``jax.nn.dot_product_attention``'s (B, T, N, H) layout with relayouts around each of them
-  (figures in ``CPU_DEFAULT``'s comment).
+  (see ``CPU_DEFAULT``).
 * ``"auto"``: by backend (``resolve_attention``): cuDNN on CUDA GPUs, wherever it applies, and
   XLA where it does not (float32 compute, an unsupported head dim, or any refusal of JAX's
   cuDNN path while tracing); XLA on TPU; ``CPU_DEFAULT`` on CPU.
@@ -36,9 +39,8 @@ Array = jax.Array
 
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "einsum")
 
-# "auto" on CPU. Measured with tools-free scripts on the 2-core development machine, fp32, same
-# inputs, median of alternating repeats (see the README's attention row): einsum vs
-# jax.nn.dot_product_attention(implementation="xla").
+# "auto" on CPU: the einsum form measured faster there than jax.nn.dot_product_attention(implementation=
+# "xla") on whole SAM and CLIP/GEM forwards (fp32, same inputs; docs/benchmarks.md).
 CPU_DEFAULT = "einsum"
 
 _CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
@@ -74,6 +76,11 @@ def resolve_attention(attention: str, backend: str | None = None) -> str:
     return "xla"
 
 
+def heads_first(attention: str) -> bool:
+    """Whether ``attention`` resolves, on this process's backend, to the einsum form, whose operands are heads first."""
+    return resolve_attention(attention) == "einsum"
+
+
 def _cuda_max_head_dim() -> int | None:
     """cuDNN's largest head dim on this process's GPU (256 from Hopper on, else 128); None without a CUDA GPU."""
     try:
@@ -92,7 +99,7 @@ def cudnn_unsupported_reason(dtype: Any, head_dim: int, max_head_dim: int | None
 
     Args:
       dtype: the queries' (= keys' and values') dtype.
-      head_dim: H of the (B, T, N, H) operands.
+      head_dim: the operands' last axis.
       max_head_dim: the GPU's limit (``_cuda_max_head_dim``); None = no CUDA GPU.
     """
     if max_head_dim is None:
@@ -105,21 +112,23 @@ def cudnn_unsupported_reason(dtype: Any, head_dim: int, max_head_dim: int | None
 
 
 def dot_product_attention(query: Array, key: Array, value: Array, *, attention: str, scale: float | Array,
-                          bias: Array | None = None, mask: Array | None = None, is_causal: bool = False) -> Array:
+                          bias: Array | None = None, mask: Array | None = None, is_causal: bool = False,
+                          heads_first: bool = False) -> Array:
     """softmax(scale * q k^T + bias, masked) v per head, float32 logits and softmax.
 
     Args:
-      query: (B, T, N, H).
-      key, value: (B, S, N, H), same dtype as ``query``.
+      query: (B, T, N, H), or (B, N, T, H) with ``heads_first``.
+      key, value: (B, S, N, H), or (B, N, S, H) with ``heads_first``; same dtype as ``query``.
       attention: one of ``ATTENTION_CHOICES`` (module docstring).
       scale: a Python number, or a (B,) array of per-example scales (GEM's temperatures).
       bias: optional, broadcastable to (B, N, T, S), added to the scaled logits (SAM's
         relative positions).
       mask: optional boolean, broadcastable to (B, N, T, S); False = masked out.
       is_causal: query t attends to keys 0..t only (T == S).
+      heads_first: the layout of the operands and the result (module docstring).
 
     Returns:
-      (B, T, N, H) in ``value``'s dtype.
+      (B, T, N, H), or (B, N, T, H) with ``heads_first``, in ``value``'s dtype.
     """
     impl = resolve_attention(attention)
     if impl == "cudnn":
@@ -129,7 +138,15 @@ def dot_product_attention(query: Array, key: Array, value: Array, *, attention: 
                 raise ValueError(f"attention='cudnn' cannot run here: {reason}; use attention='auto' or 'xla'")
             impl = "xla"
     if impl == "einsum":
-        return _einsum_attention(query, key, value, scale, bias, mask, is_causal)
+        if heads_first:
+            return _einsum_attention(query, key, value, scale, bias, mask, is_causal)
+        query, key, value = (t.swapaxes(1, 2) for t in (query, key, value))
+        return _einsum_attention(query, key, value, scale, bias, mask, is_causal).swapaxes(1, 2)
+    if heads_first:
+        query, key, value = (t.swapaxes(1, 2) for t in (query, key, value))
+        out = dot_product_attention(query, key, value, attention=attention, scale=scale, bias=bias, mask=mask,
+                                    is_causal=is_causal)
+        return out.swapaxes(1, 2)
     if not isinstance(scale, (int, float)):  # traced or (B,) scales: jax.nn.dot_product_attention wants a number
         per_example = jnp.asarray(scale, jnp.float32).reshape(-1, 1, 1, 1)
         query = (query.astype(jnp.float32) * per_example).astype(query.dtype)
@@ -154,14 +171,13 @@ def dot_product_attention(query: Array, key: Array, value: Array, *, attention: 
 
 def _einsum_attention(query: Array, key: Array, value: Array, scale: float | Array, bias: Array | None,
                       mask: Array | None, is_causal: bool) -> Array:
-    """The einsum form of ``dot_product_attention`` (same arguments and result).
+    """The einsum form of ``dot_product_attention`` on heads-first operands, (B, N, T|S, H) -> (B, N, T, H).
 
-    Heads go ahead of the tokens so that XLA:CPU's batched matmuls have their batch axes
-    leading. The softmax normalisation is applied after the value product: one division per
-    output element instead of one per logit; the maximum is subtracted first, in float32.
+    Heads ahead of the tokens: XLA:CPU's batched matmuls want their batch axes leading. The
+    softmax normalisation is applied after the value product: one division per output element
+    instead of one per logit; the maximum is subtracted first, in float32.
     """
-    q, k, v = (t.swapaxes(1, 2) for t in (query, key, value))  # (B, N, T|S, H)
-    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bnth,bnsh->bnts", query, key, preferred_element_type=jnp.float32)
     scale = jnp.asarray(scale, jnp.float32)
     logits = logits * (scale.reshape(-1, 1, 1, 1) if scale.ndim else scale)
     if bias is not None:
@@ -173,5 +189,5 @@ def _einsum_attention(query: Array, key: Array, value: Array, scale: float | Arr
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     denom = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("bnts,bnsh->bnth", weights.astype(v.dtype), v)
-    return (out.astype(jnp.float32) / denom).astype(v.dtype).swapaxes(1, 2)
+    out = jnp.einsum("bnts,bnsh->bnth", weights.astype(value.dtype), value)
+    return (out.astype(jnp.float32) / denom).astype(value.dtype)

@@ -36,6 +36,24 @@ class ReferenceTimings:
     pooling: float = 0.0
 
 
+def prompt_embeddings(open_clip_model: Any, prompts: list[str], templates: tuple[str, ...]) -> Any:
+    """(P, D) torch float32 unit rows: per prompt, the mean of its normalised template embeddings (open_clip's
+    tokenizer and text tower), renormalised."""
+    torchvision_stub.install()
+    import open_clip
+    import torch
+
+    with torch.no_grad():
+        rows = []
+        for p in prompts:
+            ids = open_clip.tokenize([t.format(p) for t in templates])
+            e = open_clip_model.encode_text(ids).double()
+            e = e / e.norm(dim=-1, keepdim=True)
+            e = e.mean(0)
+            rows.append(e / e.norm())
+    return torch.stack(rows).float()
+
+
 class ReferenceLabeller:
     """Args:
       sam: a segment-anything ``Sam`` (eval mode).
@@ -50,23 +68,13 @@ class ReferenceLabeller:
     def __init__(self, sam: Any, amg_kwargs: dict[str, Any], open_clip_model: Any, gem_wrapper: Any,
                  prompts: list[str], rules: Any, *, clip_size: int = 448, templates: tuple[str, ...] = ("a photo of a {}.",)):
         torchvision_stub.install()
-        import open_clip
-        import torch
         from segment_anything import SamAutomaticMaskGenerator
 
         self.generator = SamAutomaticMaskGenerator(sam, **amg_kwargs)
         self.gem = gem_wrapper
         self.rules = rules
         self.clip_size = clip_size
-        with torch.no_grad():
-            rows = []
-            for p in prompts:  # per prompt: mean of its normalised template embeddings, renormalised
-                ids = open_clip.tokenize([t.format(p) for t in templates])
-                e = open_clip_model.encode_text(ids).double()
-                e = e / e.norm(dim=-1, keepdim=True)
-                e = e.mean(0)
-                rows.append(e / e.norm())
-            self.text = torch.stack(rows).float()
+        self.text = prompt_embeddings(open_clip_model, prompts, templates)
         self.row_labels = np.asarray(rules.row_labels)
         self.timings = ReferenceTimings()
 
@@ -112,11 +120,20 @@ class ReferenceLabeller:
     def label(self, image: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """One uint8 (H, W, 3) image -> (label map (H, W) uint8, records with 'class' and 'score' added)."""
         import torch
-        import torch.nn.functional as F
 
         t0 = time.perf_counter()
         with torch.no_grad():
             records = self.generator.generate(image)
+        self.timings.amg += time.perf_counter() - t0
+        return self.label_records(image, records)
+
+    def label_records(self, image: np.ndarray, records: list[dict[str, Any]]
+                      ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """``label`` with masks generated earlier: ``records`` are segment-anything's binary-mask records of
+        this image (e.g. ``generator.generate(image)``, run once and shared with other comparisons)."""
+        import torch
+        import torch.nn.functional as F
+
         t1 = time.perf_counter()
         feats = self.features(image)
         t2 = time.perf_counter()
@@ -146,7 +163,6 @@ class ReferenceLabeller:
         for rec, lab, sc in zip(records, labels, scores):
             rec["class"], rec["score"] = int(lab), float(sc)
         t3 = time.perf_counter()
-        self.timings.amg += t1 - t0
         self.timings.gem += t2 - t1
         self.timings.pooling += t3 - t2
         return out, records

@@ -3,7 +3,8 @@
 Each checkpoint ``<workdir>/checkpoints/<step>/`` holds three items, written by one
 ``ocp.CheckpointManager`` in all processes:
 
-* ``state``: the ``TrainState`` (step, fp32 parameters, BatchNorm statistics, optimiser state)
+* ``state``: the ``TrainState`` (step, fp32 parameters, BatchNorm statistics, optimiser state; for
+  ``unimatch_v2`` the ``TrainStateV2``: step, parameters, the EMA teacher's parameters, AdamW state)
   and the run's base ``rng`` (key data), saved asynchronously (the device-to-host copy
   blocks, the writing does not);
 * ``input``: the Grain iterator position (one JSON file per process), so a resumed run reads
@@ -15,21 +16,25 @@ Orbax writes into a temporary directory and renames it when complete, so a run k
 writing resumes from the previous complete checkpoint.
 
 What is kept: the last ``keep`` checkpoints and every *protected* step (the best checkpoint by
-mIoU). The best step is part of each checkpoint's ``meta``, so it is on disk with the checkpoint
+mIoU; for ``unimatch_v2`` the student's best and the EMA teacher's best). The best step is part of each checkpoint's ``meta``, so it is on disk with the checkpoint
 that records it, atomically, and a new process after any number of kills knows it (Orbax's own
 ``BestN`` keeps its metrics in memory and forgot the best after a restart).
 
 Damaged checkpoints: ``restore_latest`` tries the newest step; one that fails to restore (a
 truncated array file, unreadable metadata, a missing item) is moved aside to
-``<workdir>/checkpoints_damaged/<step>`` (never deleted) with one line saying why, and the
+``<workdir>/checkpoints_damaged/<step>-<date>-<time>`` (never deleted) with one line saying why, and the
 previous step is tried, until one restores; if none does, ``CheckpointsDamaged`` lists what was
-tried.
+tried. A second step that fails for the same reason as the one before is left where it is: two
+checkpoints failing alike point at what reads them (another JAX, Orbax or Grain version, another
+process count) more than at the files, and moving every checkpoint of a run aside would leave the
+user to move them all back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,6 +46,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from zsp_jax.train.state import TrainState
+from zsp_jax.train.v2_state import TrainStateV2
 from zsp_jax.utils.sharding import barrier
 
 STATE, INPUT, META = "state", "input", "meta"
@@ -48,14 +54,24 @@ DAMAGED_DIR = "checkpoints_damaged"  # beside checkpoints/, so that Orbax never 
 
 
 class CheckpointsDamaged(RuntimeError):
-    """No checkpoint of a run could be restored; ``tried`` holds (path, reason) of each one."""
+    """No checkpoint of a run could be restored; ``tried`` holds (path, reason) of each one, ``moved`` the
+    paths moved to ``checkpoints_damaged/``, ``same_failure`` whether the search stopped at a step that
+    failed like the one before (left in place: module docstring)."""
 
-    def __init__(self, directory: str, tried: list[tuple[str, str]]):
+    def __init__(self, directory: str, tried: list[tuple[str, str]], moved: Sequence[str] = (),
+                 same_failure: bool = False):
         listed = "; ".join(f"{path}: {reason}" for path, reason in tried)
-        super().__init__(f"no checkpoint in {directory} could be restored (each was moved to "
-                         f"{os.path.join(os.path.dirname(directory), DAMAGED_DIR)}): {listed}. Start again with "
-                         f"another config.workdir, or restore a copy of the checkpoints")
+        where = (f"{len(moved)} moved to {os.path.join(os.path.dirname(directory), DAMAGED_DIR)}" if moved
+                 else "none moved")
+        why = (f"; {tried[-1][0]} failed like the one before and was left in place (the same failure twice "
+               f"suggests that this software or process count cannot read the run, rather than damaged files)"
+               if same_failure else "")
+        super().__init__(f"no checkpoint in {directory} could be restored ({where}): {listed}{why}. Resume with "
+                         f"the software and process count that wrote them, start again with another "
+                         f"config.workdir, or restore a copy of the checkpoints")
         self.tried = tried
+        self.moved = list(moved)
+        self.same_failure = same_failure
 
 
 def short_reason(error: BaseException, limit: int = 160) -> str:
@@ -65,16 +81,28 @@ def short_reason(error: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
-    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state, "rng": jax.random.key_data(rng)}
+def _same_failure(reason: str, previous: str) -> bool:
+    """Whether two steps' failure reasons are the same once their step numbers and paths are set aside."""
+    def general(text: str) -> str:
+        return re.sub(r"\d+", "#", text)
+
+    return general(reason) == general(previous)
 
 
-def abstract_tree(state: TrainState, rng: jax.Array, shardings: Any, rng_sharding: Any) -> dict[str, Any]:
+def _fields(state: Any) -> dict[str, Any]:
+    """The fields of a ``TrainState`` / ``TrainStateV2`` (or of a tree of their shardings) as a dict."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def _tree(state: TrainState | TrainStateV2, rng: jax.Array) -> dict[str, Any]:
+    return {**_fields(state), "rng": jax.random.key_data(rng)}
+
+
+def abstract_tree(state: TrainState | TrainStateV2, rng: jax.Array, shardings: Any, rng_sharding: Any
+                  ) -> dict[str, Any]:
     """The restore target: shapes, dtypes and shardings of ``_tree(state, rng)``."""
     tree = _tree(state, rng)
-    sh = {"step": shardings.step, "params": shardings.params, "batch_stats": shardings.batch_stats,
-          "opt_state": shardings.opt_state, "rng": rng_sharding}
+    sh = {**_fields(shardings), "rng": rng_sharding}
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
 
 
@@ -149,7 +177,7 @@ class Checkpointer:
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def save(self, step: int, state: TrainState, rng: jax.Array, iterator: Any, meta: dict[str, Any]) -> None:
+    def save(self, step: int, state: TrainState | TrainStateV2, rng: jax.Array, iterator: Any, meta: dict[str, Any]) -> None:
         """Saves everything at ``step``; ``meta`` records the best step(s), protected from then on."""
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(_tree(state, rng)),
                                      INPUT: grain.checkpoint.CheckpointSave(iterator),
@@ -177,9 +205,11 @@ class Checkpointer:
 
         A step that fails is moved aside to ``<workdir>/checkpoints_damaged/`` (unless read-only:
         then it is only skipped) with one line through ``say``, and the previous step is tried.
-        Raises ``CheckpointsDamaged`` when checkpoints exist and none restores.
+        Raises ``CheckpointsDamaged`` when checkpoints exist and none restores, or when a step fails for the
+        same reason as the one before it (that one is left in place: module docstring).
         """
         tried: list[tuple[str, str]] = []
+        moved: list[str] = []
         while True:
             steps = self.all_steps()
             candidates = [s for s in reversed(steps) if self.path(s) not in {p for p, _ in tried}]
@@ -194,15 +224,18 @@ class Checkpointer:
             if _all_processes_agree(ok):
                 return Restored(step, tree, meta)
             reason = reason or "failed to restore in another process"
+            if _all_processes_agree(bool(tried) and _same_failure(reason, tried[-1][1])):
+                tried.append((self.path(step), reason))
+                raise CheckpointsDamaged(self.directory, tried, moved, same_failure=True)
             tried.append((self.path(step), reason))
             if self.read_only:
                 say(f"checkpoint {self.path(step)} cannot be read ({reason}); using the previous one")
                 continue
-            moved = self._move_aside(step)
-            say(f"checkpoint step {step} could not be restored ({reason}); moved to {moved}, "
+            moved.append(self._move_aside(step))
+            say(f"checkpoint step {step} could not be restored ({reason}); moved to {moved[-1]}, "
                 f"resuming from the previous checkpoint")
         if tried:
-            raise CheckpointsDamaged(self.directory, tried)
+            raise CheckpointsDamaged(self.directory, tried, moved)
         return None
 
     def _move_aside(self, step: int) -> str:
@@ -227,32 +260,39 @@ class Checkpointer:
         self.manager.close()
 
 
-def state_from_tree(tree: dict[str, Any]) -> tuple[TrainState, jax.Array]:
-    """(TrainState, rng) from a restored ``state`` item."""
-    state = TrainState(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
-                       opt_state=tree["opt_state"])
+def state_from_tree(tree: dict[str, Any]) -> tuple[TrainState | TrainStateV2, jax.Array]:
+    """(TrainState or TrainStateV2, rng) from a restored ``state`` item (V2's holds ``ema_params``)."""
+    cls = TrainStateV2 if "ema_params" in tree else TrainState
+    state = cls(**{f.name: tree[f.name] for f in dataclasses.fields(cls)})
     return state, jax.random.wrap_key_data(tree["rng"])
 
 
-def restore_params(directory: str, step: int, abstract_params: Any, abstract_stats: Any) -> tuple[Any, Any]:
-    """(params, batch_stats) of a run's checkpoint ``step``, without the optimiser state or the input
-    position (evaluation)."""
+def restore_items(directory: str, step: int, target: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``target`` (abstract arrays with shardings, e.g. ``{"ema_params": ...}``) from the state of
+    a run's checkpoint ``step``, and nothing else (no optimiser state, no input position: evaluation)."""
     mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=(STATE, INPUT, META),
                                  options=ocp.CheckpointManagerOptions(read_only=True))
-    target = {"params": abstract_params, "batch_stats": abstract_stats}
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
             item=target, restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target),
             partial_restore=True)}))[STATE]
     finally:
         mngr.close()
+    return {k: restored[k] for k in target}
+
+
+def restore_params(directory: str, step: int, abstract_params: Any, abstract_stats: Any) -> tuple[Any, Any]:
+    """(params, batch_stats) of a run's checkpoint ``step``, without the optimiser state or the input
+    position (evaluation)."""
+    restored = restore_items(directory, step, {"params": abstract_params, "batch_stats": abstract_stats})
     return restored["params"], restored["batch_stats"]
 
 
 def read_state_arrays(checkpoint: str) -> dict[str, Any]:
     """The ``state`` item of ``<run>/checkpoints/<step>`` as numpy arrays on this host, whatever the
     devices and processes that saved it (for inspection and comparisons; training restores with
-    ``Checkpointer.restore``). Keys: ``step``, ``params``, ``batch_stats``, ``opt_state``, ``rng``."""
+    ``Checkpointer.restore``). Keys: ``step``, ``params``, ``batch_stats`` (V2: ``ema_params``), ``opt_state``,
+    ``rng``."""
     path = os.path.join(os.path.abspath(checkpoint), STATE)
     ckptr = ocp.PyTreeCheckpointer()
     meta = ckptr.metadata(path)

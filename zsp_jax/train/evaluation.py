@@ -27,6 +27,27 @@ the literal re-statement): every image (``center_crop``: its slice) runs at its 
 every sliding window at its clipped size, at the price of one compilation per distinct image
 size.
 
+UniMatch V2 (``model.family=unimatch_v2``; ``supervised.py: evaluate(..., multiplier=14)`` at f6afb4df,
+re-stated; V2 has no centre-crop mode):
+
+* ``original``: each image, ImageNet-normalised, is resized (bilinear, ``align_corners=True``) to
+  ``(int(h / 14 + 0.5) * 14, int(w / 14 + 0.5) * 14)`` (the nearest multiples of DINOv2's patch), the
+  model's logits are resized back to ``(h, w)`` the same way, and the argmax of those is the prediction.
+  Both resizes are separable matrices (``zsp_jax.utils.resize.align_corners_matrix``) built on the host
+  per image and padded with zeros to the image's canvas, so the model sees exactly V2's resized image:
+  images are grouped by (canvas, resized size), and each group's model input has no padding at all
+  (a ViT's attention and its positional-embedding grid would otherwise see the padding, which is worse
+  than a convolution's edge effect). The number of compiled programs is the number of distinct resized
+  sizes (times canvases), not of image sizes; ``eval.bucket`` only decides the canvases, and changes no
+  prediction.
+* ``sliding_window``: windows of ``crop x crop`` (a multiple of 14) at rows ``0, s, 2s, ...`` clipped so
+  that the last one ends at the image's edge (V2's ``min(row + int(crop * 2 / 3), h - crop)``; V1's
+  windows overhang the edge instead), the softmax summed over windows, the argmax of the sum. The
+  window origins are per image (dynamic slices), so images of different sizes share a canvas and every
+  window lies inside its image, as in V2. Differences: an image smaller than the crop along an axis
+  (where V2's loop does not terminate sensibly) gets one window at 0 over the zero-padded canvas; V2
+  accumulates into a 19-class buffer (Cityscapes'), ours has ``num_classes``.
+
 Metrics: a (C, C + 1) confusion matrix per batch on the device (``zsp_jax.metrics``, summed
 over the global batch by XLA), summed on the host in int64, then ``metrics.summarize``: mIoU
 (UniMatch's), per-class IoU, pixel accuracy. Every process computes the same batch plan from
@@ -52,13 +73,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zsp_jax import metrics
 from zsp_jax.data import augment, decode
-from zsp_jax.train.state import Placement
+from zsp_jax.train.state import V2_PATCH, Placement
 from zsp_jax.train.step import make_forward
+from zsp_jax.utils.resize import align_corners_matrix
 
 log = logging.getLogger(__name__)
 
 MODES = ("original", "center_crop", "sliding_window")
+MODES_V2 = ("original", "sliding_window")  # UniMatch V2's evaluate has no centre crop
 IGNORE = metrics.IGNORE_LABEL
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -84,8 +108,26 @@ def center_crop_box(h: int, w: int, crop: int) -> tuple[int, int, int, int]:
     return y0, max(y0, y1), x0, max(x0, x1)
 
 
-def canvas_shape(h: int, w: int, *, mode: str, crop: int, bucket: int) -> tuple[int, int]:
+def v2_input_size(h: int, w: int, multiple: int = V2_PATCH) -> tuple[int, int]:
+    """The size V2's ``original`` mode resizes an (h, w) image to: ``int(x / 14 + 0.5) * 14`` per side (at least
+    one patch; V2 would fail on a side under 7 pixels)."""
+    return tuple(max(int(x / multiple + 0.5), 1) * multiple for x in (h, w))  # type: ignore[return-value]
+
+
+def v2_window_starts(size: int, crop: int) -> list[int]:
+    """V2's window origins along one axis: ``0, s, 2s, ...`` (s = ``int(crop * 2 / 3)``) clipped to
+    ``size - crop``, which ends the list; a single window at 0 when ``size <= crop``."""
+    starts, pos = [0], 0
+    while pos < size - crop:
+        pos = min(pos + window_stride(crop), size - crop)
+        starts.append(pos)
+    return starts
+
+
+def canvas_shape(h: int, w: int, *, mode: str, crop: int, bucket: int, family: str = "deeplab") -> tuple[int, int]:
     """The padded (H, W) an image of size (h, w) is evaluated at (``bucket`` 0: exact sizes)."""
+    if family == "unimatch_v2" and mode == "sliding_window":  # V2's windows lie inside the image (or pad to one)
+        return round_up(max(h, crop), bucket), round_up(max(w, crop), bucket)
     if mode == "center_crop":
         y0, y1, x0, x1 = center_crop_box(h, w, crop)
         return (crop, crop) if bucket > 0 else (y1 - y0, x1 - x0)
@@ -103,24 +145,44 @@ def center_crop(image: np.ndarray, mask: np.ndarray, crop: int) -> tuple[np.ndar
 
 @dataclasses.dataclass(frozen=True)
 class EvalBatch:
-    """One global evaluation batch: its canvas (H, W) and the source indices of its rows (-1: empty row)."""
+    """One global evaluation batch: its canvas (H, W), the source indices of its rows (-1: empty row) and, for
+    V2's ``original`` mode, the size (H', W') its images are resized to for the model."""
 
     canvas: tuple[int, int]
     indices: tuple[int, ...]
+    model_shape: tuple[int, int] | None = None
 
 
 def plan_batches(sizes: Sequence[tuple[int, int]], *, mode: str, crop: int, bucket: int,
-                 global_batch: int) -> list[EvalBatch]:
-    """Groups images by canvas (first appearance order, source order inside a group) into global batches."""
-    groups: dict[tuple[int, int], list[int]] = {}
+                 global_batch: int, family: str = "deeplab") -> list[EvalBatch]:
+    """Groups images by canvas (and V2's resized size) (first appearance order, source order inside a group)
+    into global batches."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
     for i, (h, w) in enumerate(sizes):
-        groups.setdefault(canvas_shape(h, w, mode=mode, crop=crop, bucket=bucket), []).append(i)
+        canvas = canvas_shape(h, w, mode=mode, crop=crop, bucket=bucket, family=family)
+        model_shape = v2_input_size(h, w) if family == "unimatch_v2" and mode == "original" else None
+        groups.setdefault((canvas, model_shape), []).append(i)
     out = []
-    for canvas, idx in groups.items():
+    for (canvas, model_shape), idx in groups.items():
         for start in range(0, len(idx), global_batch):
             chunk = idx[start:start + global_batch]
-            out.append(EvalBatch(canvas, tuple(chunk + [-1] * (global_batch - len(chunk)))))
+            out.append(EvalBatch(canvas, tuple(chunk + [-1] * (global_batch - len(chunk))), model_shape))
     return out
+
+
+def v2_resize_matrices(size: tuple[int, int], canvas: tuple[int, int], model_shape: tuple[int, int]
+                       ) -> tuple[np.ndarray, ...]:
+    """The four float32 matrices of V2's ``original`` mode for an image of ``size`` (h, w) on ``canvas``:
+    ``rows_in`` (H', Hc), ``cols_in`` (W', Wc) (canvas -> model input, zero on the padding), ``rows_out``
+    (Hc, H'), ``cols_out`` (Wc, W') (logits -> the image's size, zero rows on the padding); all zero for an
+    empty row (size (0, 0)). Each is ``F.interpolate(..., align_corners=True)`` along one axis."""
+    (h, w), (hc, wc), (mh, mw) = size, canvas, model_shape
+    rows_in, cols_in = np.zeros((mh, hc), np.float32), np.zeros((mw, wc), np.float32)
+    rows_out, cols_out = np.zeros((hc, mh), np.float32), np.zeros((wc, mw), np.float32)
+    if h and w:
+        rows_in[:, :h], cols_in[:, :w] = align_corners_matrix(mh, h), align_corners_matrix(mw, w)
+        rows_out[:h], cols_out[:w] = align_corners_matrix(h, mh), align_corners_matrix(w, mw)
+    return rows_in, cols_in, rows_out, cols_out
 
 
 def prepare_example(record: dict[str, Any] | None, canvas: tuple[int, int], *, mode: str, crop: int,
@@ -148,18 +210,21 @@ def prepare_example(record: dict[str, Any] | None, canvas: tuple[int, int], *, m
     return image, target, np.array([h, w], np.int32)
 
 
-EvalFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array], jax.Array]
+EvalFn = Callable[..., jax.Array]
 
 
-def make_predict_fn(graphdef: nnx.GraphDef, *, mode: str, crop: int, exact_windows: bool = False
-                    ) -> Callable[..., jax.Array]:
-    """``predict(params, stats, images (B, H, W, 3), sizes (B, 2)) -> (B, H, W) int32`` argmax classes.
+def make_predict_fn(graphdef: nnx.GraphDef, *, mode: str, crop: int, exact_windows: bool = False,
+                    family: str = "deeplab") -> Callable[..., jax.Array]:
+    """``predict(params, stats, images (B, H, W, 3), sizes (B, 2), *extra) -> (B, H, W) int32`` argmax classes
+    (``unimatch_v2``: ``make_predict_fn_v2``).
 
     ``sliding_window``: ``exact_windows`` (``eval.bucket = 0``, the canvas is the image) runs each window
     clipped to the canvas, as the reference; otherwise every window runs at ``crop x crop`` on the padded
     canvas and only the windows that start inside an image's own size count for it. Windows of the same
     shape go through the model as one batch.
     """
+    if family == "unimatch_v2":
+        return make_predict_fn_v2(graphdef, mode=mode, crop=crop)
     forward = make_forward(graphdef)
 
     def predict(params: Any, stats: Any, images: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -192,14 +257,72 @@ def make_predict_fn(graphdef: nnx.GraphDef, *, mode: str, crop: int, exact_windo
     return predict
 
 
-def make_eval_fn(graphdef: nnx.GraphDef, *, mode: str, crop: int, num_classes: int,
-                 exact_windows: bool = False) -> EvalFn:
-    """``fn(params, stats, images (B, H, W, 3), targets (B, H, W), sizes (B, 2)) -> (C, C + 1) int32``
-    (to be jitted; one compilation per canvas shape)."""
-    predict = make_predict_fn(graphdef, mode=mode, crop=crop, exact_windows=exact_windows)
+def make_predict_fn_v2(graphdef: nnx.GraphDef, *, mode: str, crop: int) -> Callable[..., jax.Array]:
+    """UniMatch V2's evaluation (see the module docstring):
+    ``predict(params, stats, images (B, Hc, Wc, 3), sizes (B, 2), *matrices) -> (B, Hc, Wc) int32``.
 
-    def fn(params: Any, stats: Any, images: jax.Array, targets: jax.Array, sizes: jax.Array) -> jax.Array:
-        return metrics.confusion_matrix_device(predict(params, stats, images, sizes), targets, num_classes)
+    ``original`` takes ``v2_resize_matrices``' four matrices batched ((B, H', Hc), (B, W', Wc), (B, Hc, H'),
+    (B, Wc, W')); ``sliding_window`` none (``stats`` is unused: the segmenter has no BatchNorm).
+    """
+    from zsp_jax.train.v2_step import make_forward as make_forward_v2
+
+    forward = make_forward_v2(graphdef)
+    if mode not in MODES_V2:
+        raise ValueError(f"config field eval.mode={mode!r}: model.family=unimatch_v2 evaluates in {list(MODES_V2)}")
+
+    def original(params: Any, stats: Any, images: jax.Array, sizes: jax.Array, rows_in: jax.Array,
+                 cols_in: jax.Array, rows_out: jax.Array, cols_out: jax.Array) -> jax.Array:
+        x = jnp.einsum("bph,bhwc->bpwc", rows_in, images, precision=HIGHEST)
+        x = jnp.einsum("bqw,bpwc->bpqc", cols_in, x, precision=HIGHEST)
+        logits = forward(params, x)
+        y = jnp.einsum("bhp,bpqc->bhqc", rows_out, logits, precision=HIGHEST)
+        y = jnp.einsum("bwq,bhqc->bhwc", cols_out, y, precision=HIGHEST)
+        return jnp.argmax(y, axis=-1)
+
+    def sliding(params: Any, stats: Any, images: jax.Array, sizes: jax.Array) -> jax.Array:
+        b, hc, wc, _ = images.shape
+        stride = window_stride(crop)
+
+        def origins(extent: int, size: jax.Array) -> tuple[jax.Array, jax.Array]:
+            # (B, n) origins min(k s, size - crop) and whether V2's loop reaches window k
+            k = jnp.arange(len(v2_window_starts(extent, crop)))
+            last = jnp.maximum(size - crop, 0)[:, None]
+            return jnp.minimum(k * stride, last), (k == 0) | ((k - 1) * stride < last)
+
+        rows, rows_ok = origins(hc, sizes[:, 0])
+        cols, cols_ok = origins(wc, sizes[:, 1])
+        n_r, n_c = rows.shape[1], cols.shape[1]
+
+        def window(image: jax.Array, r: jax.Array, c: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_slice(image, (r, c, 0), (crop, crop, image.shape[-1]))
+
+        grid = jax.vmap(lambda image, rs, cs: jax.vmap(lambda r: jax.vmap(lambda c: window(image, r, c))(cs))(rs))
+        windows = grid(images, rows, cols)  # (B, n_r, n_c, crop, crop, 3)
+        logits = forward(params, windows.reshape((-1, crop, crop, images.shape[-1])))
+        probs = jax.nn.softmax(logits, axis=-1).reshape((b, n_r, n_c, crop, crop, logits.shape[-1]))
+
+        def add(total: jax.Array, p: jax.Array, r: jax.Array, c: jax.Array, ok: jax.Array) -> jax.Array:
+            here = jax.lax.dynamic_slice(total, (r, c, 0), p.shape)
+            return jax.lax.dynamic_update_slice(total, here + p * ok.astype(p.dtype), (r, c, 0))
+
+        total = jnp.zeros((b, hc, wc, logits.shape[-1]), probs.dtype)
+        for i in range(n_r):  # windows that V2 does not run (past the last origin) add nothing
+            for j in range(n_c):
+                total = jax.vmap(add)(total, probs[:, i, j], rows[:, i], cols[:, j], rows_ok[:, i] & cols_ok[:, j])
+        return jnp.argmax(total, axis=-1)
+
+    return original if mode == "original" else sliding
+
+
+def make_eval_fn(graphdef: nnx.GraphDef, *, mode: str, crop: int, num_classes: int,
+                 exact_windows: bool = False, family: str = "deeplab") -> EvalFn:
+    """``fn(params, stats, images (B, H, W, 3), targets (B, H, W), sizes (B, 2), *extra) -> (C, C + 1) int32``
+    (to be jitted; one compilation per canvas shape; ``extra``: V2's resize matrices in ``original`` mode)."""
+    predict = make_predict_fn(graphdef, mode=mode, crop=crop, exact_windows=exact_windows, family=family)
+
+    def fn(params: Any, stats: Any, images: jax.Array, targets: jax.Array, sizes: jax.Array, *extra: jax.Array
+           ) -> jax.Array:
+        return metrics.confusion_matrix_device(predict(params, stats, images, sizes, *extra), targets, num_classes)
 
     return fn
 
@@ -221,32 +344,42 @@ class _Batched:
     class_names: Sequence[str] | None = None
     threads: int = 4
     exif: bool = False
+    family: str = "deeplab"
 
     _need_mask = True
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"config field eval.mode={self.mode!r}: expected one of {list(MODES)}")
+        modes = MODES_V2 if self.family == "unimatch_v2" else MODES
+        if self.mode not in modes:
+            raise ValueError(f"config field eval.mode={self.mode!r}: expected one of {list(modes)}")
         n_dev = self.placement.mesh.size
         self.batch_size = self.batch_size or n_dev
         if self.batch_size % n_dev or self.batch_size % jax.process_count():
             raise ValueError(f"config field eval.batch_size={self.batch_size}: must be a multiple of the number of "
                              f"devices ({n_dev}) and of processes ({jax.process_count()})")
         self.plan = plan_batches(self.sizes, mode=self.mode, crop=self.crop, bucket=self.bucket,
-                                 global_batch=self.batch_size)
+                                 global_batch=self.batch_size, family=self.family)
 
     @property
     def canvases(self) -> list[tuple[int, int]]:
-        """The distinct canvas shapes (one compiled program each)."""
+        """The distinct canvas shapes."""
         return sorted({b.canvas for b in self.plan})
 
-    def _local_rows(self, batch: EvalBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @property
+    def programs(self) -> int:
+        """The number of compiled programs: distinct canvases (V2's ``original``: distinct (canvas, resized size))."""
+        return len({(b.canvas, b.model_shape) for b in self.plan})
+
+    def _local_rows(self, batch: EvalBatch) -> tuple[np.ndarray, ...]:
         per_process = self.batch_size // jax.process_count()
         start = jax.process_index() * per_process
         rows = [prepare_example(self.source[i] if i >= 0 else None, batch.canvas, mode=self.mode, crop=self.crop,
                                 num_classes=self.num_classes, exif=self.exif, need_mask=self._need_mask)
                 for i in batch.indices[start:start + per_process]]
-        return tuple(np.stack(parts) for parts in zip(*rows))  # type: ignore[return-value]
+        if batch.model_shape is not None:  # V2's original mode: each row's resize matrices
+            rows = [row + v2_resize_matrices(tuple(int(v) for v in row[2]), batch.canvas, batch.model_shape)
+                    for row in rows]
+        return tuple(np.stack(parts) for parts in zip(*rows))
 
     def _global_batches(self, desc: str, progress: bool) -> Iterator[tuple[EvalBatch, list[jax.Array]]]:
         """(plan entry, [images, targets, sizes] as global arrays) in plan order."""
@@ -275,7 +408,7 @@ class Evaluator(_Batched):
         super().__post_init__()
         # Replicated output: every process reads the whole matrix from its first device.
         self.fn = jax.jit(make_eval_fn(self.graphdef, mode=self.mode, crop=self.crop, num_classes=self.num_classes,
-                                       exact_windows=self.bucket == 0),
+                                       exact_windows=self.bucket == 0, family=self.family),
                           out_shardings=NamedSharding(self.placement.mesh, P()))
 
     def confusion(self, params: Any, batch_stats: Any, *, progress: bool = True) -> np.ndarray:
@@ -291,7 +424,7 @@ class Evaluator(_Batched):
         cm = self.confusion(params, batch_stats, progress=progress)
         out = metrics.summarize(cm, self.class_names)
         out.update(images=len(self.sizes), seconds=round(time.perf_counter() - t0, 2), mode=self.mode,
-                   bucket=self.bucket, canvases=len(self.canvases))
+                   bucket=self.bucket, canvases=len(self.canvases), programs=self.programs)
         return out
 
 
@@ -306,6 +439,8 @@ class Predictor(_Batched):
         super().__post_init__()
         if self.mode == "center_crop":
             raise ValueError("predictions cover whole images: mode 'original' or 'sliding_window'")
+        if self.family != "deeplab":
+            raise ValueError("predictions (relabelling) are made with the deeplab family's model only")
         predict = make_predict_fn(self.graphdef, mode=self.mode, crop=self.crop, exact_windows=self.bucket == 0)
         self.fn = jax.jit(lambda p, s, images, targets, sizes: predict(p, s, images, sizes).astype(jnp.uint8),
                           out_shardings=NamedSharding(self.placement.mesh, P()))

@@ -4,10 +4,11 @@ Only process 0 writes (``RunLog(enabled=False)`` elsewhere). Files in the work d
 
 * ``train_metrics.jsonl``: one JSON object per logged step (loss terms, mask ratio, learning
   rate, gradient norm, images/s); ``eval_metrics.jsonl``: one per evaluation (mIoU, per-class
-  IoU, pixel accuracy). Appended and flushed as they come, so a killed run keeps its history;
+  IoU, pixel accuracy; ``unimatch_v2``: ``miou_ema``, ``pixel_accuracy_ema``, ``per_class_ema`` beside them). Appended and flushed as they come, so a killed run keeps its history;
   a resumed run first drops the lines past the step it resumes from.
 * ``tensorboard/``: event files (``zsp_jax.train.events``, no TensorFlow): ``train/<metric>`` and
-  ``eval/miou``, ``eval/pixel_accuracy``, ``eval/iou/<class>``; each session's file tells
+  ``eval/miou``, ``eval/pixel_accuracy``, ``eval/iou/<class>`` (``unimatch_v2``: also the EMA teacher's
+  ``eval/miou_ema``, ``eval/pixel_accuracy_ema``, ``eval/iou_ema/<class>``, as V2 logs ``eval/mIoU_ema``); each session's file tells
   TensorBoard to drop earlier sessions' events past the step it resumes from (from step 1 when
   a run was killed before its first checkpoint).
 * ``plots/loss.png`` and ``plots/miou.png`` (matplotlib, Agg), redrawn after every evaluation
@@ -87,15 +88,23 @@ class RunLog:
         self._writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
         self._writer.flush()  # a killed run keeps what it logged
 
-    def eval(self, step: int, result: dict[str, Any]) -> None:
-        """Logs one evaluation (``metrics.summarize`` output plus ``epoch``)."""
+    def eval(self, step: int, result: dict[str, Any], ema: dict[str, Any] | None = None) -> None:
+        """Logs one evaluation (``metrics.summarize`` output plus ``epoch``) and, for ``unimatch_v2``, the EMA
+        teacher's evaluation at the same step (``ema``: the same keys), under ``*_ema`` names."""
         if not self.enabled:
             return
         keep = {k: result[k] for k in ("miou", "miou_present", "pixel_accuracy", "per_class", "epoch", "mode",
                                        "images", "seconds") if k in result}
+        if ema is not None:
+            keep.update({f"{k}_ema": ema[k] for k in ("miou", "miou_present", "pixel_accuracy", "per_class", "seconds")
+                         if k in ema})
         self._append(self.eval_path, {"step": step, **keep})
         values = {"eval/miou": result["miou"], "eval/pixel_accuracy": result["pixel_accuracy"]}
         values.update({f"eval/iou/{name}": iou for name, iou in result.get("per_class", {}).items() if iou is not None})
+        if ema is not None:
+            values.update({"eval/miou_ema": ema["miou"], "eval/pixel_accuracy_ema": ema["pixel_accuracy"]})
+            values.update({f"eval/iou_ema/{name}": iou for name, iou in ema.get("per_class", {}).items()
+                           if iou is not None})
         self._writer.scalars(step, values)
         self._writer.flush()
 
@@ -107,10 +116,13 @@ class RunLog:
         out = {}
         if train:
             out["loss"] = plot_curves(os.path.join(self.plots_dir, "loss.png"), train,
-                                      [k for k in ("loss", "loss_x", "loss_s1", "loss_s2", "loss_fp") if k in train[-1]],
+                                      [k for k in ("loss", "loss_x", "loss_s", "loss_s1", "loss_s2", "loss_fp")
+                                       if k in train[-1]],
                                       "training loss", log_y=True)
         if evals:
-            out["miou"] = plot_curves(os.path.join(self.plots_dir, "miou.png"), evals, ["miou"], "validation mIoU (%)")
+            out["miou"] = plot_curves(os.path.join(self.plots_dir, "miou.png"), evals,
+                                      [k for k in ("miou", "miou_ema") if any(k in r for r in evals)],
+                                      "validation mIoU (%)")
         return out
 
     def close(self) -> None:

@@ -1,4 +1,12 @@
-"""The training loop: config -> a trained DeepLabV3+, its evaluations, checkpoints, logs and plots.
+"""The training loop: config -> a trained model, its evaluations, checkpoints, logs and plots.
+
+Either trainer family (``model.family``) runs through the same set-up, resume, step and hooks:
+``deeplab`` (UniMatch V1's DeepLabV3+, ``zsp_jax.train.step``) and ``unimatch_v2`` (UniMatch V2's DINOv2 +
+DPT, ``zsp_jax.train.v2_step``, whose state carries the EMA teacher). For ``unimatch_v2`` every evaluation
+point evaluates the student and the EMA teacher (both logged: ``eval/miou`` and ``eval/miou_ema``), the
+run's record holds both bests (``best_step`` / ``best_miou`` for the student, ``best_ema_step`` /
+``best_ema_miou`` for the teacher; V2's rule: a tie goes to the later evaluation), both best checkpoints
+are protected from deletion, and the summary's ``result_miou`` is the EMA's best (what V2 reports).
 
 ``train(config)`` reads as set-up, the jitted step and a short loop (big_vision's ``train.py``):
 
@@ -7,20 +15,23 @@
    ``zsp_jax.train.checkpointing``) gives the state, the input position and the run's record
    (best mIoU and its step, evaluation history); a finished run returns its summary;
 3. the step: ``zsp_jax.train.step`` under ``jax.jit`` (state donated), compiled ahead of time so
-   its memory estimate and FLOP count are printed before the first step;
+   its memory estimate, whether that fits the device (and, if not, which fields shrink it) and
+   its FLOP count are printed before the first step;
 4. the loop, with three hooks at the steps the config names: metrics (fetched every
    ``train.log_every`` steps, stopping with ``TrainingDiverged`` on a non-finite loss),
    evaluation (``eval.every_epochs`` / ``eval.every_steps`` / the end) and checkpoints
    (``checkpoint.every_steps``, epoch ends, evaluations, the end).
 
 Outputs in ``config.workdir``: ``checkpoints/<step>/`` (the last ``checkpoint.keep`` and the best by
-mIoU, which survives any number of kills), ``train_metrics.jsonl``, ``eval_metrics.jsonl``,
+mIoU (V2: both bests), which survive any number of kills), ``train_metrics.jsonl``, ``eval_metrics.jsonl``,
 ``tensorboard/``, ``plots/{loss,miou}.png``, ``bad_input.json``, ``train_config.json`` (the config it
 trained with, rewritten on each resumed session) and ``train_summary.json`` (what ``train`` returns).
 
 The schedule is part of the run: resuming with another ``train.epochs``, ``train.max_steps``,
 ``train.batch_size`` or ``data.split`` is refused, naming the field (the poly learning rate of
-every step already taken would differ); train longer in a new ``config.workdir``.
+every step already taken would differ); train longer in a new ``config.workdir``. So is resuming with
+another model (``model.family``, ``model.backbone`` / ``model.encoder``, ``data.num_classes``), before any
+checkpoint is read (its arrays would not fit, and would be taken for damage).
 """
 
 from __future__ import annotations
@@ -43,8 +54,9 @@ from zsp_jax.train import checkpointing, logs
 from zsp_jax.train import config as train_config
 from zsp_jax.train import state as state_lib
 from zsp_jax.train import step as step_lib
+from zsp_jax.train import v2_step
 from zsp_jax.train.setup import configure_jax, host_value, is_main_process, make_evaluator, say, setup_model
-from zsp_jax.utils import bench, io
+from zsp_jax.utils import bench, io, memory
 
 SUMMARY = "train_summary.json"
 CONFIG_FILE = "train_config.json"
@@ -65,6 +77,73 @@ class TrainingDiverged(RuntimeError):
 def _field(config: ml_collections.ConfigDict, dotted: str) -> Any:
     section, key = dotted.split(".")
     return config[section].get(key)
+
+
+def model_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config fields that fix the shapes of a run's state (kept in every checkpoint)."""
+    fam = state_lib.family(config)
+    which = "model.encoder" if fam == "unimatch_v2" else "model.backbone"
+    return {"model.family": fam, which: _field(config, which), "data.num_classes": config.data.num_classes}
+
+
+def check_same_model(meta: dict[str, Any], config: ml_collections.ConfigDict, checkpoint: str) -> None:
+    """Raises ``ValueError`` naming each model field that differs from the run in ``checkpoint``."""
+    recorded = dict(meta.get("model") or {"model.family": "deeplab"})
+    now = model_record(config)
+    changed = [f"{name}={now[name]!r} (the run used {recorded[name]!r})" for name in now
+               if name in recorded and recorded[name] != now[name]]
+    if changed:
+        raise ValueError(f"config field {', '.join(changed)}: the run in {os.path.dirname(checkpoint)} trained another "
+                         f"model, whose checkpoints this one cannot resume. Use a new config.workdir (or the run's "
+                         f"values)")
+
+
+# The share of a device's memory the train step's XLA estimate may take before the trainer warns: the
+# estimate leaves out the input pipeline's device buffers and the allocator's fragmentation.
+TRAIN_MEMORY_FRACTION = 0.9
+
+
+def memory_advice(config: ml_collections.ConfigDict) -> str:
+    """The fields that shrink the train step's memory, those not already at their smallest."""
+    t = config.train
+    ways = [f"a smaller train.batch_size (now {t.batch_size}) or train.crop_size (now {t.crop_size})"]
+    if config.model.dtype != "bfloat16":
+        ways.append("model.dtype=bfloat16 (bf16 compute, fp32 parameters)")
+    ways.append(f"a larger train.fsdp (now {t.fsdp}: parameters and optimiser state sharded over that many devices)")
+    return "try " + ", ".join(ways)
+
+
+def check_same_processes(meta: dict[str, Any], checkpoint: str) -> None:
+    """Raises ``ValueError`` when the run in ``checkpoint`` was written by another number of processes: each
+    process's input position is its own file, so another count cannot resume it (Orbax would restore the
+    arrays, Grain not the input)."""
+    recorded = meta.get("processes")
+    if recorded is not None and recorded != jax.process_count():
+        raise ValueError(f"the run in {os.path.dirname(checkpoint)} was written by {recorded} process(es) and this "
+                         f"is {jax.process_count()}: its input positions are per process. Resume it with "
+                         f"{recorded} process(es) (docs/multi_host.md), or use a new config.workdir")
+
+
+def is_v2(config: ml_collections.ConfigDict) -> bool:
+    return state_lib.family(config) == "unimatch_v2"
+
+
+def loss_terms(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The family's loss terms, in the order a divergence report looks for a non-finite one."""
+    return v2_step.LOSS_TERMS if is_v2(config) else step_lib.LOSS_TERMS
+
+
+def make_step(config: ml_collections.ConfigDict, graphdef: Any, tx: Any, schedule: Any) -> Any:
+    """The family's train step ``(state, host batch, rng) -> (state, metrics)`` (not yet jitted)."""
+    options = train_config.step_options(config)
+    if is_v2(config):
+        return v2_step.make_train_step_v2(graphdef, tx, options, schedule)
+    return step_lib.make_train_step(graphdef, tx, options, schedule)
+
+
+def protected_steps(meta: dict[str, Any]) -> set[int]:
+    """The best checkpoints a run keeps whatever ``checkpoint.keep`` says: the student's, and V2's EMA's."""
+    return {s for s in (meta.get("best_step"), meta.get("best_ema_step")) if s is not None}
 
 
 def schedule_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -90,7 +169,11 @@ def check_same_schedule(meta: dict[str, Any], config: ml_collections.ConfigDict,
 
 def _paths(workdir: str, checkpoints: checkpointing.Checkpointer, meta: dict[str, Any]) -> dict[str, Any]:
     best, steps = meta.get("best_step"), checkpoints.all_steps()
-    return {"workdir": workdir, "checkpoints": checkpoints.directory,
+    extra = {}
+    if meta.get("family") == "unimatch_v2":
+        best_ema = meta.get("best_ema_step")
+        extra["best_ema_checkpoint"] = checkpoints.path(best_ema) if best_ema is not None and best_ema in steps else None
+    return {"workdir": workdir, "checkpoints": checkpoints.directory, **extra,
             "best_checkpoint": checkpoints.path(best) if best is not None and best in steps else None,
             "latest_checkpoint": checkpoints.path(steps[-1]) if steps else None,
             "train_metrics": os.path.join(workdir, logs.TRAIN_LOG), "eval_metrics": os.path.join(workdir, logs.EVAL_LOG),
@@ -99,23 +182,46 @@ def _paths(workdir: str, checkpoints: checkpointing.Checkpointer, meta: dict[str
 
 
 def _summary(config: ml_collections.ConfigDict, meta: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The run's summary. ``result_miou`` is the figure the method reports: the best mIoU, for ``unimatch_v2``
+    the EMA teacher's best (``result_weights`` says which: ``student`` or ``ema``)."""
     evals, total = meta.get("evals", []), meta["total_steps"]
     final = evals[-1] if evals and evals[-1]["step"] == total else None
-    return {"mode": config.train.mode, "enhanced": config.train.enhanced if config.train.mode == "zsp" else None,
-            "steps": total, "steps_per_epoch": meta["steps_per_epoch"], "epochs": total / meta["steps_per_epoch"],
-            "final_miou": final["miou"] if final else None, "best_miou": meta.get("best_miou"),
-            "best_step": meta.get("best_step"), "eval_mode": config.eval.mode, "evals": evals,
-            "final_eval": meta.get("last_eval") if final else None, "seconds_this_session": round(seconds, 1)}
+    out = {"family": state_lib.family(config), "mode": config.train.mode,
+           "enhanced": config.train.enhanced if config.train.mode == "zsp" else None,
+           "steps": total, "steps_per_epoch": meta["steps_per_epoch"], "epochs": total / meta["steps_per_epoch"],
+           "final_miou": final["miou"] if final else None, "best_miou": meta.get("best_miou"),
+           "best_step": meta.get("best_step"), "eval_mode": config.eval.mode, "evals": evals,
+           "final_eval": meta.get("last_eval") if final else None, "seconds_this_session": round(seconds, 1),
+           "result_miou": meta.get("best_miou"), "result_weights": "student"}
+    if is_v2(config):
+        out.update(final_miou_ema=final.get("miou_ema") if final else None, best_ema_miou=meta.get("best_ema_miou"),
+                   best_ema_step=meta.get("best_ema_step"), final_eval_ema=meta.get("last_eval_ema") if final else None,
+                   result_miou=meta.get("best_ema_miou"), result_weights="ema")
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def describe_bests(summary_or_meta: dict[str, Any]) -> str:
+    """``best mIoU 41.20 (step 800)``, for V2 with ``, EMA 42.10 (step 900)``."""
+    m = summary_or_meta
+    text = f"best mIoU {_fmt(m.get('best_miou'))} (step {m.get('best_step')})"
+    if "best_ema_miou" in m:
+        text += f", EMA {_fmt(m.get('best_ema_miou'))} (step {m.get('best_ema_step')})"
+    return text
 
 
 def _finished(config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpointing.Checkpointer,
               restored: checkpointing.Restored) -> dict[str, Any]:
     """The summary of a run that finished before (rewritten if a kill came before it was)."""
+    check_same_model(restored.meta, config, checkpoints.path(restored.step))
     check_same_schedule(restored.meta, config, checkpoints.path(restored.step))
     summary = dict(restored.meta["summary"])
     summary.update(_paths(workdir, checkpoints, restored.meta))
-    say(f"train: already finished ({restored.step} steps; best mIoU {summary.get('best_miou')} at step "
-        f"{summary.get('best_step')}); summary {os.path.join(workdir, SUMMARY)}")
+    say(f"train: already finished ({restored.step} steps; {describe_bests(summary)}); summary "
+        f"{os.path.join(workdir, SUMMARY)}")
     if is_main_process():
         io.write_json_atomic(os.path.join(workdir, SUMMARY), summary)
     return summary
@@ -126,8 +232,9 @@ class _MetricsLog:
     steps), writes them to the run log and stops the run at the first non-finite one."""
 
     def __init__(self, run_log: logs.RunLog, bar: tqdm.tqdm, *, images_per_step: int, steps_per_epoch: int,
-                 last_checkpoint_before: Any):
+                 last_checkpoint_before: Any, loss_terms: tuple[str, ...] = step_lib.LOSS_TERMS):
         self.run_log, self.bar = run_log, bar
+        self.loss_terms = loss_terms
         self.images_per_step, self.steps_per_epoch = images_per_step, steps_per_epoch
         self.last_checkpoint_before = last_checkpoint_before
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []
@@ -145,7 +252,7 @@ class _MetricsLog:
         rate = self.images_per_step * len(self.pending) / elapsed if elapsed > 0 else float("nan")
         for (step, _), values in zip(self.pending, fetched):
             if not values["finite"]:
-                bad = next((k for k in step_lib.LOSS_TERMS if k in values and not math.isfinite(float(values[k]))),
+                bad = next((k for k in self.loss_terms if k in values and not math.isfinite(float(values[k]))),
                            "grad_norm")
                 self.pending.clear()
                 raise TrainingDiverged(step, bad, float(values[bad]), self.last_checkpoint_before(step))
@@ -171,13 +278,31 @@ def _check_disk_space(workdir: str, host_state: Any, keep: int) -> None:
                          f"some space, lower checkpoint.keep, or use another config.workdir")
 
 
-def _record_eval(meta: dict[str, Any], result: dict[str, Any], step: int, epoch: int) -> float:
-    """Adds an evaluation to the run's record (best mIoU and its step); returns its mIoU."""
+_LAST_EVAL_KEYS = ("miou", "miou_present", "pixel_accuracy", "per_class")
+
+
+def _record_eval(meta: dict[str, Any], result: dict[str, Any], step: int, epoch: int,
+                 ema: dict[str, Any] | None = None) -> float:
+    """Adds an evaluation (and V2's EMA evaluation) to the run's record (best mIoU and its step, for each);
+    returns the student's mIoU.
+
+    A better mIoU replaces the best; V2 also lets an equal one replace it (``unimatch_v2.py``: ``best_epoch``
+    is the last epoch whose mIoU equals the best), V1 keeps the first.
+    """
+    def better(new: float, best: float | None) -> bool:
+        return best is None or new > best or (ema is not None and new == best)
+
     miou = result["miou"]
-    meta["evals"].append({"step": step, "epoch": epoch, "miou": miou})
-    if meta["best_miou"] is None or miou > meta["best_miou"]:
+    entry = {"step": step, "epoch": epoch, "miou": miou}
+    if better(miou, meta["best_miou"]):
         meta["best_miou"], meta["best_step"] = miou, step
-    meta["last_eval"] = {k: result[k] for k in ("miou", "miou_present", "pixel_accuracy", "per_class")}
+    meta["last_eval"] = {k: result[k] for k in _LAST_EVAL_KEYS}
+    if ema is not None:
+        entry["miou_ema"] = ema["miou"]
+        if better(ema["miou"], meta.get("best_ema_miou")):
+            meta["best_ema_miou"], meta["best_ema_step"] = ema["miou"], step
+        meta["last_eval_ema"] = {k: ema[k] for k in _LAST_EVAL_KEYS}
+    meta["evals"].append(entry)
     return miou
 
 
@@ -206,6 +331,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpo
     t_start = time.perf_counter()
     # A finished run is recognised from its record alone, before anything is built.
     record = checkpoints.restore_latest(None, None, say=say)
+    if record is not None:  # what cannot resume is refused here, before anything is built or moved aside
+        check_same_model(record.meta, config, checkpoints.path(record.step))
+        if not record.meta.get("finished"):  # a finished run is only reported (_finished checks its schedule)
+            check_same_processes(record.meta, checkpoints.path(record.step))
+            check_same_schedule(record.meta, config, checkpoints.path(record.step))
     if record is not None and record.meta.get("finished"):
         return _finished(config, workdir, checkpoints, record)
 
@@ -231,7 +361,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpo
         raise ValueError(f"config field train.batch_size={t.batch_size}: must be a multiple of the number of devices "
                          f"({mesh.size}); set train.num_devices to use fewer")
     tx, schedule = state_lib.make_optimizer(config, setup.params, total)
-    host_state = state_lib.init_state(setup.params, setup.batch_stats, tx)
+    host_state = state_lib.init_state(setup.params, setup.batch_stats, tx, family=setup.family)
     shardings = state_lib.state_shardings(host_state, mesh)
     replicated = NamedSharding(mesh, P())
     _check_disk_space(workdir, host_state, c.keep)
@@ -239,7 +369,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpo
     rng = jax.random.wrap_key_data(state_lib.place(jax.random.key_data(jax.random.key(config.seed)), replicated))
     meta: dict[str, Any] = {"step": 0, "epoch": 0, "best_miou": None, "best_step": None, "evals": [],
                             "finished": False, "mode": t.mode, "enhanced": t.enhanced, "total_steps": total,
-                            "steps_per_epoch": pipeline.steps_per_epoch, "schedule": schedule_record(config)}
+                            "steps_per_epoch": pipeline.steps_per_epoch, "schedule": schedule_record(config),
+                            "family": setup.family, "model": model_record(config),
+                            "processes": jax.process_count()}
+    if is_v2(config):
+        meta.update(best_ema_miou=None, best_ema_step=None)
 
     # ---------------------------------------------------------------- resume
     if record is not None:
@@ -249,8 +383,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpo
             check_same_schedule(restored.meta, config, checkpoints.path(restored.step), total)
             state, rng = checkpointing.state_from_tree(restored.tree)
             meta.update(restored.meta)
-            meta["schedule"] = schedule_record(config)
-    checkpoints.protect({meta["best_step"]})
+            meta.update(schedule=schedule_record(config), family=setup.family, model=model_record(config),
+                        processes=jax.process_count())
+    checkpoints.protect(protected_steps(meta))
     start = int(host_value(state.step))
 
     # ---------------------------------------------------------------- hooks: logs, evaluation
@@ -270,12 +405,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpo
         f"{jax.process_count()} process(es); training {t.mode}" + (f" ({t.enhanced})" if t.mode == "zsp" else "")
         + f", {total} steps ({pipeline.steps_per_epoch} per epoch)"
         + (f", resuming at step {start}" if start else "")
-        + (f" (best so far: mIoU {meta['best_miou']:.2f} at step {meta['best_step']})"
-           if start and meta["best_miou"] is not None else ""))
+        + (f" (so far: {describe_bests(meta)})" if start and meta["best_miou"] is not None else ""))
 
     # ---------------------------------------------------------------- the step
-    step_fn = jax.jit(step_lib.make_train_step(setup.graphdef, tx, train_config.step_options(config), schedule),
-                      donate_argnums=(0,), out_shardings=(shardings, replicated))
+    step_fn = jax.jit(make_step(config, setup.graphdef, tx, schedule), donate_argnums=(0,),
+                      out_shardings=(shardings, replicated))
     host_batch = next(batches) if start < total else None
     compiled = None
     if host_batch is not None:
@@ -285,6 +419,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpo
         flops = bench.program_flops(compiled)
         say(f"train step compiled in {time.perf_counter() - t_compile:.1f} s: {bench.memory_summary(compiled)}; "
             + (f"{flops / 1e9:.1f} GFLOP per step per device (XLA estimate)" if flops else "no FLOP estimate"))
+        say(memory.describe_fit("the train step", memory.estimated_bytes(compiled),
+                                 memory.MemoryBudget.of_device(mesh.devices.flat[0], fraction=TRAIN_MEMORY_FRACTION,
+                                                                field="train.batch_size"),
+                                 memory_advice(config)))
 
     # ---------------------------------------------------------------- the loop
     bar = tqdm.tqdm(total=total, initial=start, desc=f"train {t.mode}", unit="step", dynamic_ncols=True,
@@ -298,7 +436,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpo
 
     metrics_log = _MetricsLog(run_log, bar, images_per_step=pipeline.global_batch_size * (1 if t.mode == "supervised"
                                                                                              else 2),
-                              steps_per_epoch=pipeline.steps_per_epoch, last_checkpoint_before=last_checkpoint_before)
+                              steps_per_epoch=pipeline.steps_per_epoch, last_checkpoint_before=last_checkpoint_before,
+                              loss_terms=loss_terms(config))
     for done in range(start + 1, total + 1):
         if host_batch is None:
             batch = state_lib.global_batch(next(batches), setup.placement.batch)
@@ -314,18 +453,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpo
         if len(metrics_log.pending) >= t.log_every or do_eval or do_save:
             metrics_log.flush()
         if do_eval:
-            result = evaluator.evaluate(state.params, state.batch_stats)
+            # V2's segmenter has no BatchNorm statistics: the (empty) ones of the set-up stand in
+            stats = state.batch_stats if hasattr(state, "batch_stats") else setup.batch_stats
+            result = evaluator.evaluate(state.params, stats)
             result["epoch"], result["step"] = epoch, done
-            miou = _record_eval(meta, result, done, epoch)
-            run_log.eval(done, result)
+            ema = evaluator.evaluate(state.ema_params, stats) if is_v2(config) else None
+            miou = _record_eval(meta, result, done, epoch, ema)
+            run_log.eval(done, result, ema)
             run_log.plot()
-            say(f"step {done} (epoch {epoch}): mIoU {miou:.2f} (best {meta['best_miou']:.2f} at step "
-                f"{meta['best_step']}), {result['seconds']:.1f} s")
+            seconds = result["seconds"] + (ema["seconds"] if ema else 0.0)
+            say(f"step {done} (epoch {epoch}): mIoU {miou:.2f}" + (f", EMA {ema['miou']:.2f}" if ema else "")
+                + f" ({describe_bests(meta)}), {seconds:.1f} s")
         if do_save:
             meta.update(step=done, epoch=epoch, finished=done == total)
             if done == total:
                 meta["summary"] = _summary(config, meta, time.perf_counter() - t_start)
-            checkpoints.protect({meta["best_step"]})
+            checkpoints.protect(protected_steps(meta))
             checkpoints.save(done, state, rng, batches, meta)
     metrics_log.flush()
     bar.close()
@@ -337,8 +480,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: checkpo
     summary["plots"] = plots or summary["plots"]
     if is_main_process():
         io.write_json_atomic(os.path.join(workdir, SUMMARY), summary)
-    final, best = summary.get("final_miou"), summary.get("best_miou")
-    say(f"train: done, {total} steps; final mIoU {'n/a' if final is None else f'{final:.2f}'}, best "
-        f"{'n/a' if best is None else f'{best:.2f}'} (step {summary.get('best_step')}); summary "
+    final = _fmt(summary.get("final_miou")) + (f", EMA {_fmt(summary.get('final_miou_ema'))}"
+                                               if "final_miou_ema" in summary else "")
+    result = (f"; result (the EMA's best, as UniMatch V2 reports): {_fmt(summary.get('result_miou'))}"
+              if summary.get("result_weights") == "ema" else "")
+    say(f"train: done, {total} steps; final mIoU {final}; {describe_bests(summary)}{result}; summary "
         f"{os.path.join(workdir, SUMMARY)}")
     return summary

@@ -14,7 +14,7 @@
 
 Every step skips what is done (a finished first run, existing maps), so a killed run resumes.
 The paper does not say how UniMatch "improves" the zero-shot labels; this is one reading
-(method notes, section 3.3), chosen because it keeps SAM's boundaries and lets the
+(docs/training.md, enhanced labels), chosen because it keeps SAM's boundaries and lets the
 semi-supervised model correct CLIP's class per segment.
 """
 

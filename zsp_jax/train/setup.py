@@ -1,8 +1,9 @@
 """What a training, evaluation or relabelling run builds from the config before its first step.
 
 * ``configure_jax``: matmul precision and the persistent compilation cache of the run;
-* ``devices`` / ``setup_model``: the mesh over the run's devices, the model (random or from
-  ``model.pretrained``) split into graph, parameters and BatchNorm statistics;
+* ``devices`` / ``setup_model``: the mesh over the run's devices, the model of ``model.family`` (random or
+  from ``model.pretrained``) split into graph, parameters and BatchNorm statistics (none for
+  ``unimatch_v2``);
 * ``make_evaluator``: the validation-set evaluator of ``config.eval``.
 
 Shared by the training loop (``zsp_jax.train.loop``), checkpoint evaluation
@@ -62,6 +63,7 @@ class Setup:
     params: Any
     batch_stats: Any
     model_description: str
+    family: str = "deeplab"
 
 
 def devices(config: ml_collections.ConfigDict) -> list[Any]:
@@ -97,7 +99,7 @@ def setup_model(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     model, description = state_lib.build_model(config, workdir=workdir)
     graphdef, params, stats = state_lib.split_model(model)
     placement = state_lib.Placement(mesh, None, state_lib.batch_sharding(mesh))
-    return Setup(placement, graphdef, params, stats, description)
+    return Setup(placement, graphdef, params, stats, description, state_lib.family(config))
 
 
 def make_evaluator(config: ml_collections.ConfigDict, setup: Setup) -> tuple[evaluation.Evaluator, Any]:
@@ -107,5 +109,6 @@ def make_evaluator(config: ml_collections.ConfigDict, setup: Setup) -> tuple[eva
     evaluator = evaluation.Evaluator(setup.graphdef, sources.source, sources.sizes, setup.placement, mode=e.mode,
                                      crop=config.train.crop_size, bucket=e.bucket, batch_size=e.batch_size,
                                      num_classes=config.data.num_classes,
-                                     class_names=classes.CLASSES.get(config.data.dataset), threads=e.threads)
+                                     class_names=classes.CLASSES.get(config.data.dataset), threads=e.threads,
+                                     family=setup.family)
     return evaluator, sources

@@ -1,5 +1,10 @@
 """Train state, model construction, UniMatch's optimiser, the device mesh and shardings.
 
+Two trainer families (``model.family``): ``deeplab`` (this module) and ``unimatch_v2`` (UniMatch V2's
+DINOv2 + DPT segmenter, its AdamW and EMA teacher: ``zsp_jax.train.v2_state``). The run's jobs
+(``model_config``, ``build_model``, ``pretrained_safetensors``, ``make_optimizer``, ``init_state``) are one
+function each that dispatches on the family; the mesh and shardings are shared.
+
 * ``TrainState``: everything a step changes (a pytree): the step count, the fp32 master
   parameters, the BatchNorm running statistics and the optimiser state. The model's graph
   (``nnx.GraphDef``) is static, and the model holds no RNG stream of its own: the train step
@@ -42,6 +47,9 @@ log = logging.getLogger(__name__)
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)  # the batch is split over every device
 BACKBONES = ("r50", "r101", "xception65", "tiny_resnet", "tiny_xception")
+FAMILIES = ("deeplab", "unimatch_v2")
+ENCODERS = ("s", "b", "l", "g", "tiny")  # model.encoder of the unimatch_v2 family
+V2_PATCH = 14  # DINOv2's patch: V2's crops and evaluation sizes are multiples of it
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -65,8 +73,21 @@ class TrainState:
 # ----------------------------------------------------------------------------------------- model
 
 
-def model_config(config: ml_collections.ConfigDict) -> DeepLabConfig:
-    """The ``DeepLabConfig`` of ``config.model`` with ``data.num_classes`` classes."""
+def family(config: ml_collections.ConfigDict) -> str:
+    """``model.family``: ``deeplab`` (also for configs without the field or the section) or ``unimatch_v2``."""
+    name = config.model.get("family", "deeplab") if "model" in config else "deeplab"
+    if name not in FAMILIES:
+        raise ValueError(f"config field model.family={name!r}: expected one of {list(FAMILIES)}")
+    return name
+
+
+def model_config(config: ml_collections.ConfigDict) -> Any:
+    """The model's config for ``config.model`` with ``data.num_classes`` classes: a ``DeepLabConfig``, or for
+    ``unimatch_v2`` a ``DptConfig`` (``v2_state.model_config_v2``)."""
+    if family(config) == "unimatch_v2":
+        from zsp_jax.train import v2_state
+
+        return v2_state.model_config_v2(config)
     m = config.model
     kw: dict[str, Any] = {"num_classes": config.data.num_classes, "output_stride": m.get("output_stride", 16)}
     stem = m.get("stem", "deep")
@@ -117,9 +138,15 @@ def random_model(dl_config: DeepLabConfig, seed: int, *, dtype: Any = None) -> D
     return strip_rng_streams(nnx.merge(graphdef, state))
 
 
-def pretrained_safetensors(path: str, workdir: str, dl_config: DeepLabConfig) -> str:
-    """``path`` if it is a ``.safetensors`` file, else the ``.pth`` converted once into
-    ``<workdir>/converted/<stem>.safetensors`` (a later run, or a resume, needs no torch)."""
+def pretrained_safetensors(path: str, workdir: str, model_cfg: Any) -> str:
+    """``path`` if it is a ``.safetensors`` file, else the source converted once into
+    ``<workdir>/converted/<stem>.safetensors`` (a later run, or a resume, needs no torch): a UniMatch / torchvision
+    ``.pth`` for a ``DeepLabConfig``, DINOv2 weights for a ``DptConfig`` (``v2_state.pretrained_safetensors_v2``)."""
+    if not isinstance(model_cfg, DeepLabConfig):
+        from zsp_jax.train import v2_state
+
+        return v2_state.pretrained_safetensors_v2(path, workdir, model_cfg)
+    dl_config = model_cfg
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config field model.pretrained={path!r}: no such file (an ImageNet backbone: "
@@ -134,8 +161,13 @@ def pretrained_safetensors(path: str, workdir: str, dl_config: DeepLabConfig) ->
     return out
 
 
-def build_model(config: ml_collections.ConfigDict, *, workdir: str | None = None) -> tuple[DeepLabV3Plus, str]:
-    """The model to train: (model without RNG stream, one line saying where its weights come from)."""
+def build_model(config: ml_collections.ConfigDict, *, workdir: str | None = None) -> tuple[nnx.Module, str]:
+    """The model to train: (model without RNG stream, one line saying where its weights come from);
+    ``unimatch_v2``: ``v2_state.build_model_v2``."""
+    if family(config) == "unimatch_v2":
+        from zsp_jax.train import v2_state
+
+        return v2_state.build_model_v2(config, workdir=workdir)
     dl_config = model_config(config)
     dtype = compute_dtype(config)
     pretrained = config.model.get("pretrained", "")
@@ -148,8 +180,9 @@ def build_model(config: ml_collections.ConfigDict, *, workdir: str | None = None
     return strip_rng_streams(model), f"{dl_config.variant} from {path}: {report.summary()}"
 
 
-def split_model(model: DeepLabV3Plus) -> tuple[nnx.GraphDef, Any, Any]:
-    """(graphdef, params, batch_stats); raises if the model holds other state (e.g. an RNG stream)."""
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, params, batch_stats); raises if the model holds other state (e.g. an RNG stream). A V2
+    segmenter has no BatchNorm: its ``batch_stats`` is an empty ``nnx.State``."""
     graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     if jax.tree.leaves(rest):
         raise ValueError(f"the model holds state other than parameters and BatchNorm statistics: "
@@ -190,7 +223,13 @@ def torch_sgd(schedule: optax.Schedule, momentum: float, weight_decay: float) ->
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """UniMatch's optimiser for ``params``; returns (transformation, backbone schedule)."""
+    """The family's optimiser for ``params`` (UniMatch's SGD; ``unimatch_v2``: V2's AdamW,
+    ``v2_state.make_optimizer_v2``); returns (transformation, backbone schedule)."""
+    if family(config) == "unimatch_v2":
+        from zsp_jax.train import v2_state
+
+        return v2_state.make_optimizer_v2(v2_state.optimizer_settings(config), params, total_steps,
+                                          lock_backbone=config.model.get("lock_backbone", False))
     t = config.train
     schedule = poly_schedule(t.lr, total_steps, t.get("lr_power", 0.9))
     multiplier = t.head_lr_multiplier
@@ -204,7 +243,13 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
     return tx, schedule
 
 
-def init_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation) -> TrainState:
+def init_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation, *, family: str = "deeplab") -> Any:
+    """Step 0 of a run: a ``TrainState``, or for ``unimatch_v2`` a ``v2_state.TrainStateV2`` (its EMA teacher a
+    copy of the parameters; V2's segmenter has no ``batch_stats``)."""
+    if family == "unimatch_v2":
+        from zsp_jax.train import v2_state
+
+        return v2_state.init_state_v2(params, tx)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params))
 

@@ -24,7 +24,7 @@ Modes (``config.train.mode``):
   image's label inside the box, and the feature-perturbed weak view), label-smoothed CE
   (eps = ``label_smoothing``), ``L = (L_s + L_u) / 2`` with ``L_u = 0.25 L_s1 + 0.25 L_s2 +
   0.5 L_fp`` and UniMatch's normaliser. How the zero-shot label Y0 becomes the enhanced label
-  (``enhanced``; the paper does not say, see the README):
+  (``enhanced``; the paper does not say, docs/training.md):
     - ``fixed`` (A): Y0 itself (255 = uncovered is ignored);
     - ``fusion`` (B): Y0 where the weak-view prediction agrees with it or is not confident
       (confidence < ``fusion_thresh``); the confident prediction where it disagrees, and where

@@ -20,6 +20,11 @@
   ``r = min(1 - 1 / (k + 1), 0.996)``, over every parameter (frozen ones too, as V2). So the EMA
   equals the student after step 0 and is the running mean of the students until step 249; a fixed
   ``optax.ema(0.996)`` would differ from V2 for the first few hundred steps.
+* ``model_config_v2`` / ``build_model_v2``: the segmenter of ``config.model`` (``encoder`` s / b / l / g /
+  tiny, ``lock_backbone``), random, or with DINOv2 weights from ``model.pretrained`` (an official
+  ``dinov2_vit*14_pretrain.pth``, a transformers directory, a UniMatch V2 checkpoint's encoder, or a
+  converted ``.safetensors``), converted once into ``<workdir>/converted/`` (``pretrained_safetensors_v2``),
+  the head randomly initialised, as V2 (``model.backbone.load_state_dict(...)`` on a fresh ``DPT``).
 * Mesh, shardings, placement: ``zsp_jax.train.state`` (``make_mesh``, ``state_shardings``, ``place``,
   ``global_batch``, ``batch_sharding``). ``state_shardings`` decides each leaf by its shape, so with
   ``fsdp`` > 1 the parameters, the EMA and both AdamW moments are split alike.
@@ -28,17 +33,29 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
+from flax import nnx
 
-from zsp_jax.models.dpt import param_group_labels
-from zsp_jax.train.state import poly_schedule
+from zsp_jax.models.dpt import DptConfig, DptSegmenter, param_group_labels
+from zsp_jax.train.state import _init_key, compute_dtype, poly_schedule
+
+log = logging.getLogger(__name__)
 
 EMA_CAP = 0.996  # unimatch_v2.py: ema_ratio = min(1 - 1 / (iters + 1), 0.996)
+ENCODER_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}  # model.encoder -> V2's size names
+PRETRAINED_HELP = ("DINOv2 weights: the official dinov2_vits14_pretrain.pth / _vitb14_ / _vitl14_ / _vitg14_ (from "
+                   "github.com/facebookresearch/dinov2, what UniMatch V2's README links as pretrained/), a transformers "
+                   "Dinov2Model directory, or a .safetensors from tools/convert_dinov2.py; set --config.model.pretrained "
+                   "(or '' to start from random weights)")
 # Parameters V2's forward never reads (their gradient is None, so torch's AdamW skips them): ``param_name``s.
 UNUSED_PARAMS = ("backbone.mask_token",)
 
@@ -148,25 +165,27 @@ def make_optimizer_v2(settings: OptimizerSettingsV2, params: Any, total_steps: i
     return tx, schedule
 
 
-def ema_ratio(step: jax.Array) -> jax.Array:
-    """V2's EMA ratio after step ``step`` (0-based, the step just taken): ``min(1 - 1 / (step + 1), 0.996)``.
+def ema_ratio(step: jax.Array, cap: float = EMA_CAP) -> jax.Array:
+    """V2's EMA ratio after step ``step`` (0-based, the step just taken): ``min(1 - 1 / (step + 1), cap)``
+    (V2: cap 0.996, ``train.ema_cap``).
 
     A weakly typed float: float64 under ``jax_enable_x64`` (fp64 parity), else float32.
     """
-    return jnp.minimum(1.0 - 1.0 / (jnp.asarray(step) + 1.0), EMA_CAP)
+    return jnp.minimum(1.0 - 1.0 / (jnp.asarray(step) + 1.0), cap)
 
 
-def ema_update(ema: Any, params: Any, step: jax.Array) -> Any:
+def ema_update(ema: Any, params: Any, step: jax.Array, cap: float = EMA_CAP) -> Any:
     """The EMA teacher after step ``step`` (the parameters already updated by it): ``r ema + (1 - r) params``.
 
     Args:
       ema, params: trees of the same structure (float leaves).
       step: () int, the 0-based index of the step just taken.
+      cap: the ratio's cap (``ema_ratio``).
 
     Returns:
       the new EMA tree, in ``ema``'s dtypes.
     """
-    ratio = ema_ratio(step)
+    ratio = ema_ratio(step, cap)
     return jax.tree.map(lambda e, p: (e * ratio.astype(e.dtype) + p * (1 - ratio).astype(e.dtype)).astype(e.dtype),
                         ema, params)
 
@@ -177,15 +196,158 @@ def init_state_v2(params: Any, tx: optax.GradientTransformation, ema_params: Any
     return TrainStateV2(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema, opt_state=tx.init(params))
 
 
+# ----------------------------------------------------------------------------------------- from the config
+
+
+def optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettingsV2:
+    """``OptimizerSettingsV2`` of ``config.train`` (``lr``, ``head_lr_multiplier``, ``weight_decay``, ``adam_betas``,
+    ``lr_power``; eps is torch's default, as V2)."""
+    t = config.train
+    return OptimizerSettingsV2(lr=t.lr, lr_multi=t.head_lr_multiplier, weight_decay=t.weight_decay,
+                               betas=tuple(t.get("adam_betas", (0.9, 0.999))), lr_power=t.get("lr_power", 0.9))
+
+
+def model_config_v2(config: ml_collections.ConfigDict) -> DptConfig:
+    """The ``DptConfig`` of ``config.model`` (``encoder``, ``lock_backbone``) with ``data.num_classes`` classes."""
+    m = config.model
+    encoder = m.get("encoder", "s")
+    kw = {"num_classes": config.data.num_classes, "lock_backbone": bool(m.get("lock_backbone", False))}
+    if encoder == "tiny":
+        return DptConfig.tiny(**kw)
+    if encoder not in ENCODER_SIZES:
+        raise ValueError(f"config field model.encoder={encoder!r}: expected one of {list(ENCODER_SIZES) + ['tiny']}")
+    return DptConfig.for_encoder(ENCODER_SIZES[encoder], **kw)
+
+
+def random_model_v2(dpt_config: DptConfig, seed: int, *, dtype: Any = None) -> DptSegmenter:
+    """The segmenter with random weights, built in one jitted call (no RNG stream is kept: V2's only
+    randomness, complementary dropout, comes from the step's ``rng``)."""
+    key = _init_key(seed)
+
+    def ctor(k: jax.Array) -> DptSegmenter:
+        return DptSegmenter(dpt_config, dtype=dtype, rngs=nnx.Rngs(params=k))
+
+    abstract = nnx.eval_shape(lambda: ctor(key))
+    graphdef, _ = nnx.split(abstract)
+    state = jax.jit(lambda k: nnx.state(ctor(k)))(key)
+    return nnx.merge(graphdef, state)
+
+
+def _converted_name(path: str) -> str:
+    base = os.path.basename(os.path.normpath(path))
+    return (base if os.path.isdir(path) else os.path.splitext(base)[0]) + ".safetensors"
+
+
+def pretrained_safetensors_v2(path: str, workdir: str, dpt_config: DptConfig) -> str:
+    """``path`` if it is a ``.safetensors`` file, else the DINOv2 source (``.pth`` / transformers directory / V2
+    checkpoint) converted once into ``<workdir>/converted/<name>.safetensors``, checked against the config's
+    encoder (a later run, or a resume, needs no torch)."""
+    from zsp_jax.models.dinov2 import convert as dinov2_convert
+    from zsp_jax.utils.weights import ConversionError
+
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config field model.pretrained={path!r}: no such file or directory; {PRETRAINED_HELP}")
+    if path.endswith(".safetensors") and os.path.isfile(path):
+        return path
+    out = os.path.join(workdir, "converted", _converted_name(path))
+    if not os.path.isfile(out):
+        log.info("converting %s to %s (once)", path, out)
+        try:
+            converted = dinov2_convert.convert_checkpoint(path, variant=dpt_config.encoder)
+        except ConversionError as e:
+            raise ValueError(f"config field model.pretrained={path!r} does not fit model.encoder "
+                             f"({dpt_config.encoder.name}): {e}") from None
+        dinov2_convert.save_dinov2(out, converted)
+    return out
+
+
+def build_model_v2(config: ml_collections.ConfigDict, *, workdir: str | None = None) -> tuple[DptSegmenter, str]:
+    """The V2 segmenter to train: (model, one line saying where its weights come from).
+
+    Random, or the encoder from ``model.pretrained`` (converted once) with a random head. The file's encoder
+    must be ``model.encoder``'s (a mismatch names both).
+    """
+    from zsp_jax.models.dinov2 import convert as dinov2_convert
+    from zsp_jax.models.dinov2.config import Dinov2Config
+    from zsp_jax.utils.weights import assign_weights, flat_weights, load_weights
+
+    dpt_config = model_config_v2(config)
+    model = random_model_v2(dpt_config, config.seed, dtype=compute_dtype(config))
+    name = f"UniMatch V2 DPT on DINOv2 {dpt_config.encoder.name}" + (", encoder locked" if dpt_config.lock_backbone
+                                                                     else "")
+    pretrained = config.model.get("pretrained", "")
+    if not pretrained:
+        return model, f"{name}, random initialisation"
+    path = pretrained_safetensors_v2(pretrained, workdir or os.path.expanduser(config.workdir), dpt_config)
+    encoder_weights, meta = load_weights(path, expect={"zsp_jax.model": dinov2_convert.MODEL_NAME})
+    stored = Dinov2Config.from_json(meta["zsp_jax.config"])
+    diffs = dinov2_convert.config_differences(stored, dpt_config.encoder)
+    if diffs:
+        raise ValueError(f"config field model.pretrained={pretrained!r}: {path} holds a {stored.variant_name()} "
+                         f"encoder, model.encoder={config.model.get('encoder')!r} is {dpt_config.encoder.name}: "
+                         + "; ".join(diffs))
+    weights = flat_weights(model)  # the random head stays (V2 loads only model.backbone)
+    encoder_keys = {k for k in weights if k.startswith("backbone.")}
+    given = {"backbone." + k for k in encoder_weights}
+    if given != encoder_keys:
+        raise ValueError(f"config field model.pretrained={pretrained!r}: {path} does not hold exactly the encoder's "
+                         f"weights (missing {sorted(encoder_keys - given)[:4]}, extra {sorted(given - encoder_keys)[:4]})")
+    weights.update({"backbone." + k: np.asarray(v) for k, v in encoder_weights.items()})
+    assign_weights(model, weights, source_name=path)
+    return model, f"{name}, encoder from {path}, head random"
+
+
+def pretrained_problem_v2(path: str, dpt_config: DptConfig) -> str | None:
+    """Why ``model.pretrained`` cannot initialise ``dpt_config``'s encoder (None if it can), read from shapes and
+    metadata only (nothing is converted): for the start-up input checks."""
+    from zsp_jax.models.dinov2 import convert as dinov2_convert
+    from zsp_jax.models.dinov2.config import Dinov2Config
+
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        return "no such file or directory"
+    try:
+        if path.endswith(".safetensors") and os.path.isfile(path):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="numpy") as f:
+                meta = dict(f.metadata() or {})
+            if meta.get("zsp_jax.model") != dinov2_convert.MODEL_NAME:
+                return (f"not a converted DINOv2 file (zsp_jax.model {meta.get('zsp_jax.model')!r}, expected "
+                        f"{dinov2_convert.MODEL_NAME!r})")
+            found = Dinov2Config.from_json(meta["zsp_jax.config"])
+        else:
+            sd, fmt, _, heads = dinov2_convert.read_checkpoint(path)
+            src = "backbone." if fmt == "unimatch_v2" else ""
+            layout = "hf" if fmt == "hf" else "official"
+            if layout == "official":
+                sd = dinov2_convert.unchunk_blocks(sd, src, source_name=path)
+            found = dinov2_convert.infer_config(sd, layout, src=src, num_heads=heads or dpt_config.encoder.num_heads,
+                                                source_name=path)
+    except Exception as e:  # noqa: BLE001 - unreadable, foreign, or torch missing
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    diffs = dinov2_convert.config_differences(found, dpt_config.encoder)
+    if diffs:
+        return f"it holds a {found.variant_name()} encoder, not {dpt_config.encoder.name} (" + "; ".join(diffs) + ")"
+    return None
+
+
 __all__ = [
     "EMA_CAP",
     "UNUSED_PARAMS",
     "OptimizerSettingsV2",
     "TrainStateV2",
+    "build_model_v2",
     "ema_ratio",
     "ema_update",
     "init_state_v2",
     "make_optimizer_v2",
+    "model_config_v2",
+    "optimizer_settings",
     "param_labels_v2",
     "param_name",
+    "pretrained_problem_v2",
+    "pretrained_safetensors_v2",
+    "random_model_v2",
 ]

@@ -62,7 +62,7 @@ from zsp_jax.models.dpt import complementary_mask_from_half
 from zsp_jax.models.dpt.model import COMP_DROP_KEPT_FRACTION
 from zsp_jax.train import losses
 from zsp_jax.train.step import _confidence, cutmix_images, fuse_labels
-from zsp_jax.train.v2_state import TrainStateV2, ema_ratio, ema_update
+from zsp_jax.train.v2_state import EMA_CAP, TrainStateV2, ema_ratio, ema_update
 
 MODES = ("supervised", "unimatch_v2", "zsp")
 ENHANCED = ("fixed", "fusion")
@@ -83,6 +83,7 @@ class StepOptionsV2:
       loss_groups: the batch is cut into this many equal shares, each flipped for CutMix, given its own
         complementary-dropout rows and normalising its own losses, the shares' losses averaged: a V2
         run on that many GPUs (1 = the whole batch is one share).
+      ema_cap: the cap of the EMA teacher's ratio (V2: 0.996, ``v2_state.ema_ratio``).
     """
 
     mode: str = "unimatch_v2"
@@ -91,6 +92,7 @@ class StepOptionsV2:
     enhanced: str = "fixed"
     fusion_thresh: float = 0.95
     loss_groups: int = 1
+    ema_cap: float = EMA_CAP
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -99,6 +101,8 @@ class StepOptionsV2:
             raise ValueError(f"config field train.enhanced={self.enhanced!r}: expected one of {list(ENHANCED)}")
         if self.loss_groups < 1:
             raise ValueError(f"config field train.loss_groups={self.loss_groups}: must be >= 1")
+        if not 0.0 <= self.ema_cap <= 1.0:
+            raise ValueError(f"config field train.ema_cap={self.ema_cap}: expected a value in [0, 1]")
 
     @property
     def needs_teacher(self) -> bool:
@@ -284,13 +288,14 @@ def make_update_fn_v2(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, 
             updates, new_opt = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             return TrainStateV2(step=state.step + 1, params=params,
-                                ema_params=ema_update(state.ema_params, params, state.step), opt_state=new_opt)
+                                ema_params=ema_update(state.ema_params, params, state.step, options.ema_cap),
+                                opt_state=new_opt)
 
         # A non-finite step is not applied (the state stays the last good one); a cond, not a select, so the
         # update is made in place in the donated buffers (as zsp_jax.train.step).
         new = jax.lax.cond(finite, apply, lambda: state)
         metrics = dict(metrics, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
-                       ema_ratio=jnp.asarray(ema_ratio(state.step), jnp.float32))
+                       ema_ratio=jnp.asarray(ema_ratio(state.step, options.ema_cap), jnp.float32))
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         return (new, metrics, grads) if return_grads else (new, metrics)

@@ -130,7 +130,7 @@ def peak_rss_bytes() -> int:
 
 
 def machine_description() -> str:
-    """One line naming the machine, for the README tables."""
+    """One line naming the machine, for the docs/benchmarks.md tables."""
     dev = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
     try:

@@ -262,15 +262,18 @@ def load_torch_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> Any:
         if mmap and "mmap" in str(e):
             return load_torch_checkpoint(path, mmap=False)  # legacy (non-zip) format
         # torch's own message for a file that is not plain tensors runs over many lines of advice about
-        # weights_only; its first line says what was found.
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        if "weights_only" in str(e):
-            import re
+        # weights_only; what was found is on one of them.
+        import re
 
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            what = f"an object of type {found.group(1)}" if found else "objects other than tensors"
-            raise ConversionError(f"{path}: holds {what}, which torch does not load safely (weights_only=True); "
-                                  f"is it a model checkpoint? (a state_dict of tensors is)") from e
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:  # a pickle of other objects: refused by the safe loader, not broken
+            raise ConversionError(f"{path}: holds an object of type {found.group(1)}, which torch does not load "
+                                  f"safely (weights_only=True); is it a model checkpoint? (a state_dict of tensors "
+                                  f"is)") from e
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.DOTALL)
+        first = (" ".join(detail.group(1).split()[:12]) if detail
+                 else next((line.strip() for line in text.splitlines() if line.strip()), ""))
         raise ConversionError(
             f"{path}: not a readable PyTorch checkpoint (truncated or not a torch.save file?): "
             f"{type(e).__name__}: {first[:300]}") from e

@@ -40,58 +40,61 @@ from flax import nnx
 
 from zsp_jax.models.clip.config import ClipConfig
 from zsp_jax.models.clip.model import ClipModel
-from zsp_jax.utils import weights as W
+from zsp_jax.utils.weights import (ConversionError, Rule, build_with_weights, conv2d, flat_shapes, linear,
+                                   load_torch_checkpoint, load_weights, save_weights, split, unwrap_state_dict)
+# the Rule-table conversion, by another name: convert_state_dict is this module's own (CLIP state dicts)
+from zsp_jax.utils.weights import convert_state_dict as convert_by_rules
 
 MODEL_NAME = "clip"
 FORMATS = ("hf", "openai", "open_clip")
 
 
-def _block_rules(src: str, dst: str, *, fused_qkv: bool) -> list[W.Rule]:
+def _block_rules(src: str, dst: str, *, fused_qkv: bool) -> list[Rule]:
     """Rules of one tower's residual blocks; ``src``/``dst`` are key prefixes up to the index."""
     if fused_qkv:  # OpenAI / open_clip: nn.MultiheadAttention
         attn = [
-            W.Rule(rf"{src}\.(\d+)\.attn\.in_proj_weight",
-                   tuple(rf"{dst}.\1.attn.{n}.kernel" for n in "qkv"), W.split(3, then=W.linear)),
-            W.Rule(rf"{src}\.(\d+)\.attn\.in_proj_bias", tuple(rf"{dst}.\1.attn.{n}.bias" for n in "qkv"), W.split(3)),
-            W.Rule(rf"{src}\.(\d+)\.attn\.out_proj\.weight", rf"{dst}.\1.attn.out.kernel", W.linear),
-            W.Rule(rf"{src}\.(\d+)\.attn\.out_proj\.bias", rf"{dst}.\1.attn.out.bias"),
+            Rule(rf"{src}\.(\d+)\.attn\.in_proj_weight",
+                 tuple(rf"{dst}.\1.attn.{n}.kernel" for n in "qkv"), split(3, then=linear)),
+            Rule(rf"{src}\.(\d+)\.attn\.in_proj_bias", tuple(rf"{dst}.\1.attn.{n}.bias" for n in "qkv"), split(3)),
+            Rule(rf"{src}\.(\d+)\.attn\.out_proj\.weight", rf"{dst}.\1.attn.out.kernel", linear),
+            Rule(rf"{src}\.(\d+)\.attn\.out_proj\.bias", rf"{dst}.\1.attn.out.bias"),
         ]
         ln = {"ln_1": "ln_1", "ln_2": "ln_2"}
         mlp = {"mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
     else:  # transformers
         attn = [
-            W.Rule(rf"{src}\.(\d+)\.self_attn\.(q|k|v|out)_proj\.weight", rf"{dst}.\1.attn.\2.kernel", W.linear),
-            W.Rule(rf"{src}\.(\d+)\.self_attn\.(q|k|v|out)_proj\.bias", rf"{dst}.\1.attn.\2.bias"),
+            Rule(rf"{src}\.(\d+)\.self_attn\.(q|k|v|out)_proj\.weight", rf"{dst}.\1.attn.\2.kernel", linear),
+            Rule(rf"{src}\.(\d+)\.self_attn\.(q|k|v|out)_proj\.bias", rf"{dst}.\1.attn.\2.bias"),
         ]
         ln = {"layer_norm1": "ln_1", "layer_norm2": "ln_2"}
         mlp = {"mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
     rules = attn
     for s, d in ln.items():
-        rules += [W.Rule(rf"{src}\.(\d+)\.{s}\.weight", rf"{dst}.\1.{d}.scale"),
-                  W.Rule(rf"{src}\.(\d+)\.{s}\.bias", rf"{dst}.\1.{d}.bias")]
+        rules += [Rule(rf"{src}\.(\d+)\.{s}\.weight", rf"{dst}.\1.{d}.scale"),
+                  Rule(rf"{src}\.(\d+)\.{s}\.bias", rf"{dst}.\1.{d}.bias")]
     for s, d in mlp.items():
         s = s.replace(".", r"\.")
-        rules += [W.Rule(rf"{src}\.(\d+)\.{s}\.weight", rf"{dst}.\1.{d}.kernel", W.linear),
-                  W.Rule(rf"{src}\.(\d+)\.{s}\.bias", rf"{dst}.\1.{d}.bias")]
+        rules += [Rule(rf"{src}\.(\d+)\.{s}\.weight", rf"{dst}.\1.{d}.kernel", linear),
+                  Rule(rf"{src}\.(\d+)\.{s}\.bias", rf"{dst}.\1.{d}.bias")]
     return rules
 
 
-def _ln_rules(src: str, dst: str) -> list[W.Rule]:
+def _ln_rules(src: str, dst: str) -> list[Rule]:
     src = src.replace(".", r"\.")
-    return [W.Rule(rf"{src}\.weight", f"{dst}.scale"), W.Rule(rf"{src}\.bias", f"{dst}.bias")]
+    return [Rule(rf"{src}\.weight", f"{dst}.scale"), Rule(rf"{src}\.bias", f"{dst}.bias")]
 
 
-OPENAI_RULES: tuple[W.Rule, ...] = tuple(
+OPENAI_RULES: tuple[Rule, ...] = tuple(
     [
-        W.Rule(r"visual\.conv1\.weight", "visual.patch_embed", W.conv2d),
-        W.Rule(r"visual\.class_embedding", "visual.class_embedding"),
-        W.Rule(r"visual\.positional_embedding", "visual.pos_embed"),
-        W.Rule(r"visual\.proj", "visual.proj"),
-        W.Rule(r"token_embedding\.weight", "text.token_embedding.embedding"),
-        W.Rule(r"positional_embedding", "text.pos_embed"),
-        W.Rule(r"text_projection", "text.proj"),
-        W.Rule(r"text_projection\.weight", "text.proj", W.linear),  # open_clip's nn.Linear variant
-        W.Rule(r"logit_scale", "logit_scale"),
+        Rule(r"visual\.conv1\.weight", "visual.patch_embed", conv2d),
+        Rule(r"visual\.class_embedding", "visual.class_embedding"),
+        Rule(r"visual\.positional_embedding", "visual.pos_embed"),
+        Rule(r"visual\.proj", "visual.proj"),
+        Rule(r"token_embedding\.weight", "text.token_embedding.embedding"),
+        Rule(r"positional_embedding", "text.pos_embed"),
+        Rule(r"text_projection", "text.proj"),
+        Rule(r"text_projection\.weight", "text.proj", linear),  # open_clip's nn.Linear variant
+        Rule(r"logit_scale", "logit_scale"),
     ]
     + _ln_rules("visual.ln_pre", "visual.ln_pre")
     + _ln_rules("visual.ln_post", "visual.ln_post")
@@ -102,16 +105,16 @@ OPENAI_RULES: tuple[W.Rule, ...] = tuple(
 # Integers OpenAI's TorchScript model keeps beside the weights, and open_clip's causal mask.
 OPENAI_DROP = (r"input_resolution", r"context_length", r"vocab_size", r"attn_mask", r"visual\.attn_mask")
 
-HF_RULES: tuple[W.Rule, ...] = tuple(
+HF_RULES: tuple[Rule, ...] = tuple(
     [
-        W.Rule(r"vision_model\.embeddings\.patch_embedding\.weight", "visual.patch_embed", W.conv2d),
-        W.Rule(r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"),
-        W.Rule(r"vision_model\.embeddings\.position_embedding\.weight", "visual.pos_embed"),
-        W.Rule(r"visual_projection\.weight", "visual.proj", W.linear),
-        W.Rule(r"text_model\.embeddings\.token_embedding\.weight", "text.token_embedding.embedding"),
-        W.Rule(r"text_model\.embeddings\.position_embedding\.weight", "text.pos_embed"),
-        W.Rule(r"text_projection\.weight", "text.proj", W.linear),
-        W.Rule(r"logit_scale", "logit_scale"),
+        Rule(r"vision_model\.embeddings\.patch_embedding\.weight", "visual.patch_embed", conv2d),
+        Rule(r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"),
+        Rule(r"vision_model\.embeddings\.position_embedding\.weight", "visual.pos_embed"),
+        Rule(r"visual_projection\.weight", "visual.proj", linear),
+        Rule(r"text_model\.embeddings\.token_embedding\.weight", "text.token_embedding.embedding"),
+        Rule(r"text_model\.embeddings\.position_embedding\.weight", "text.pos_embed"),
+        Rule(r"text_projection\.weight", "text.proj", linear),
+        Rule(r"logit_scale", "logit_scale"),
     ]
     + _ln_rules("vision_model.pre_layrnorm", "visual.ln_pre")
     + _ln_rules("vision_model.post_layernorm", "visual.ln_post")
@@ -148,15 +151,15 @@ def config_from_openai_state_dict(sd: Mapping[str, Any], *, act: str, source_nam
             hint = " (a ResNet CLIP: only ViT models are supported)"
         elif any(k.startswith(("vision_model.", "text_model.")) for k in sd):
             hint = " (this looks like a transformers checkpoint: use format 'hf' on its directory)"
-        raise W.ConversionError(f"cannot convert {source_name}: not an OpenAI/open_clip CLIP ViT state_dict, "
-                                f"missing {missing}{hint}")
+        raise ConversionError(f"cannot convert {source_name}: not an OpenAI/open_clip CLIP ViT state_dict, "
+                              f"missing {missing}{hint}")
     shape = lambda k: tuple(sd[k].shape)  # noqa: E731
     width, _, patch, _ = shape("visual.conv1.weight")
     n_pos = shape("visual.positional_embedding")[0]
     grid = int(round((n_pos - 1) ** 0.5))
     if grid * grid + 1 != n_pos:
-        raise W.ConversionError(f"cannot convert {source_name}: visual.positional_embedding has {n_pos} rows, "
-                                f"not 1 + a square grid")
+        raise ConversionError(f"cannot convert {source_name}: visual.positional_embedding has {n_pos} rows, "
+                              f"not 1 + a square grid")
     text_width = shape("ln_final.weight")[0]
     tp = shape(need[-1])
     embed_dim = tp[1] if need[-1] == "text_projection" else tp[0]
@@ -167,8 +170,8 @@ def config_from_openai_state_dict(sd: Mapping[str, Any], *, act: str, source_nam
     if head_width is None:
         head_width = vision_head_width(model_name, width, source_name=source_name)
     elif head_width < 1 or width % head_width:
-        raise W.ConversionError(f"cannot convert {source_name}: vision width {width} is not a multiple of the "
-                                f"given head width {head_width}")
+        raise ConversionError(f"cannot convert {source_name}: vision width {width} is not a multiple of the "
+                              f"given head width {head_width}")
     return ClipConfig(
         embed_dim=embed_dim, image_size=grid * patch, patch_size=patch, vision_width=width,
         vision_layers=_count_blocks(sd, "visual.transformer.resblocks."), vision_heads=width // head_width,
@@ -187,10 +190,10 @@ def config_from_hf(hf_config: Any) -> ClipConfig:
     v, t = hf_config.vision_config, hf_config.text_config
     acts = {v.hidden_act, t.hidden_act}
     if len(acts) != 1 or not acts <= {"gelu", "quick_gelu"}:
-        raise W.ConversionError(f"unsupported activations vision={v.hidden_act!r} text={t.hidden_act!r} "
-                                f"(both must be 'gelu' or 'quick_gelu')")
+        raise ConversionError(f"unsupported activations vision={v.hidden_act!r} text={t.hidden_act!r} "
+                              f"(both must be 'gelu' or 'quick_gelu')")
     if v.layer_norm_eps != t.layer_norm_eps:
-        raise W.ConversionError(f"different LayerNorm eps in the towers ({v.layer_norm_eps}, {t.layer_norm_eps})")
+        raise ConversionError(f"different LayerNorm eps in the towers ({v.layer_norm_eps}, {t.layer_norm_eps})")
     return ClipConfig(
         embed_dim=hf_config.projection_dim, image_size=v.image_size, patch_size=v.patch_size,
         vision_width=v.hidden_size, vision_layers=v.num_hidden_layers, vision_heads=v.num_attention_heads,
@@ -232,15 +235,15 @@ def vision_head_width(model_name: str | None, vision_width: int, *, source_name:
     else:
         family = next((prefix for prefix, w, h in VISION_HEAD_WIDTHS if w == vision_width), None)
         if family is not None:
-            raise W.ConversionError(
+            raise ConversionError(
                 f"cannot convert {source_name}: vision width {vision_width} is that of open_clip's "
                 f"{family.rstrip('-').upper().replace('VIT', 'ViT')} models, whose attention heads are not 64 wide, and "
                 f"the tensor shapes do not say which; pass the open_clip model name (--model-name ViT-H-14, "
                 f"ViT-g-14, ViT-bigG-14, ...) or --vision-head-width")
         head = 64
     if vision_width % head:
-        raise W.ConversionError(f"cannot convert {source_name}: vision width {vision_width} is not a multiple of the "
-                                f"head width {head} of {model_name!r}; is the model name right?")
+        raise ConversionError(f"cannot convert {source_name}: vision width {vision_width} is not a multiple of the "
+                              f"head width {head} of {model_name!r}; is the model name right?")
     return head
 
 
@@ -278,7 +281,7 @@ class _SafetensorsDict(Mapping):
                 h = safe_open(f, framework="np")
                 keys = list(h.keys())
             except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-                raise W.ConversionError(f"{f}: not a readable safetensors file (truncated?): {e}") from e
+                raise ConversionError(f"{f}: not a readable safetensors file (truncated?): {e}") from e
             self._handles[(f, "np")] = h
             for k in keys:
                 self._where[k] = f
@@ -298,7 +301,7 @@ class _SafetensorsDict(Mapping):
             try:
                 return self._handle(f, "pt").get_tensor(key)
             except Exception:  # noqa: BLE001
-                raise W.ConversionError(f"{f}: tensor {key} cannot be read (truncated file?): {np_error}") \
+                raise ConversionError(f"{f}: tensor {key} cannot be read (truncated file?): {np_error}") \
                     from np_error
 
     def __iter__(self) -> Iterator[str]:
@@ -336,16 +339,16 @@ def read_hf_directory(directory: str | os.PathLike) -> tuple[ClipConfig, Mapping
     try:
         hf_config = CLIPConfig.from_pretrained(directory)
     except Exception as e:  # noqa: BLE001
-        raise W.ConversionError(f"{cfg_path}: not a CLIP config: {e}") from e
+        raise ConversionError(f"{cfg_path}: not a CLIP config: {e}") from e
     if getattr(hf_config, "model_type", "clip") != "clip":
-        raise W.ConversionError(f"{cfg_path}: model_type is {hf_config.model_type!r}, expected 'clip'")
+        raise ConversionError(f"{cfg_path}: model_type is {hf_config.model_type!r}, expected 'clip'")
     files, kind = _hf_weight_files(directory)
     if kind == "safetensors":
         sd: Mapping[str, Any] = _SafetensorsDict(files)
     else:
         sd = {}
         for f in files:
-            sd.update(W.unwrap_state_dict(W.load_torch_checkpoint(f), path=f))
+            sd.update(unwrap_state_dict(load_torch_checkpoint(f), path=f))
     return config_from_hf(hf_config), sd
 
 
@@ -370,10 +373,10 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, Any]:
         try:
             module = torch.jit.load(path, map_location="cpu")
         except Exception as e:  # noqa: BLE001
-            raise W.ConversionError(f"{path}: not a loadable TorchScript archive (truncated?): "
-                                    f"{type(e).__name__}: {e}") from e
+            raise ConversionError(f"{path}: not a loadable TorchScript archive (truncated?): "
+                                  f"{type(e).__name__}: {e}") from e
         return dict(module.state_dict())
-    return W.unwrap_state_dict(W.load_torch_checkpoint(path), path=path)
+    return unwrap_state_dict(load_torch_checkpoint(path), path=path)
 
 
 def normalize_open_clip_keys(sd: Mapping[str, Any]) -> dict[str, Any]:
@@ -422,7 +425,7 @@ class ConvertedClip:
 
 
 def expected_shapes(config: ClipConfig) -> dict[str, Any]:
-    return W.flat_shapes(nnx.eval_shape(lambda: ClipModel(config)))
+    return flat_shapes(nnx.eval_shape(lambda: ClipModel(config)))
 
 
 def convert_state_dict(sd: Mapping[str, Any], fmt: str, *, act: str | None = None, model_name: str | None = None,
@@ -445,11 +448,11 @@ def convert_state_dict(sd: Mapping[str, Any], fmt: str, *, act: str | None = Non
         rules, drop = OPENAI_RULES, OPENAI_DROP
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    weights = W.convert_state_dict(sd, rules, expected_shapes(config), source_name=source_name, drop=drop)
+    weights = convert_by_rules(sd, rules, expected_shapes(config), source_name=source_name, drop=drop)
     if fmt == "open_clip" and act is None and not model_name:
         # Nothing in an open_clip state_dict tells QuickGELU (OpenAI's weights) from GELU (open_clip's own):
         # a guess would give silently wrong features. (Checked after the tensors, whose errors come first.)
-        raise W.ConversionError(
+        raise ConversionError(
             f"{source_name}: an open_clip state_dict does not record its activation; give the open_clip model "
             f"name (--clip_model_name, config label.clip_model_name, or --model-name of tools/convert_clip.py), "
             f"e.g. ViT-B-16-quickgelu for OpenAI's weights (QuickGELU) or ViT-B-16 for open_clip's LAION / "
@@ -493,7 +496,7 @@ def convert_checkpoint(source: str | os.PathLike, *, fmt: str | None = None, act
 
 def save_clip(path: str | os.PathLike, converted: ConvertedClip) -> None:
     """Writes a converted model as ``.safetensors`` with its config in the metadata (atomic)."""
-    W.save_weights(path, converted.weights, {
+    save_weights(path, converted.weights, {
         "zsp_jax.model": MODEL_NAME,
         "zsp_jax.variant": converted.config.variant_name(),
         "zsp_jax.config": converted.config.to_json(),
@@ -512,7 +515,7 @@ def build_clip(config: ClipConfig, weights: Mapping[str, np.ndarray], *, source_
     """
     param_dtype = param_dtype or (dtype if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32)
     ctor = lambda: ClipModel(config, dtype=dtype, param_dtype=param_dtype, attention=attention)  # noqa: E731
-    return W.build_with_weights(ctor, weights, source_name=source_name, dtype=param_dtype)
+    return build_with_weights(ctor, weights, source_name=source_name, dtype=param_dtype)
 
 
 def load_clip(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
@@ -528,7 +531,7 @@ def load_clip(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype:
       attention: attention implementation, ``"auto"`` | ``"xla"`` | ``"cudnn"`` | ``"einsum"``
         (``zsp_jax.models.attention``); not stored in the file.
     """
-    weights, meta = W.load_weights(path, expect={"zsp_jax.model": MODEL_NAME})
+    weights, meta = load_weights(path, expect={"zsp_jax.model": MODEL_NAME})
     config = ClipConfig.from_json(meta["zsp_jax.config"])
     if pos_embed_antialias is not None:
         config = dataclasses.replace(config, pos_embed_antialias=pos_embed_antialias)
@@ -543,5 +546,5 @@ def read_clip_config(path: str | os.PathLike) -> ClipConfig:
     with safe_open(os.fspath(path), framework="numpy") as f:
         meta = dict(f.metadata() or {})
     if meta.get("zsp_jax.model") != MODEL_NAME:
-        raise W.ConversionError(f"{path}: not a converted zsp_jax CLIP file")
+        raise ConversionError(f"{path}: not a converted zsp_jax CLIP file")
     return ClipConfig.from_json(meta["zsp_jax.config"])

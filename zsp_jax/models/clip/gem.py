@@ -30,17 +30,19 @@ def _normalize(z: jax.Array) -> jax.Array:
 
 
 def self_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, h: jax.Array, gem: GemConfig, *,
-                        attention: str = "auto") -> jax.Array:
+                        attention: str = "auto", heads_first: bool = False) -> jax.Array:
     """GEM's q-q / k-k / v-v attention, averaged.
 
     Args:
-      q, k, v: (B, N, heads, head_dim) projections of ``h``.
+      q, k, v: (B, N, heads, head_dim) projections of ``h``, or (B, heads, N, head_dim) with
+        ``heads_first``.
       h: (B, N, C) the block's LayerNorm output (for the adaptive temperature).
       gem: options (iterations, fixed temperature).
       attention: the implementation (``zsp_jax.models.attention``).
+      heads_first: the layout of q, k, v and of the result.
 
     Returns:
-      (B, N, heads, head_dim), to be merged and out-projected by the block's attention.
+      Like q, to be merged and out-projected by the block's attention.
     """
     dh = q.shape[-1]
     if gem.ss_attn_temp is None:
@@ -52,8 +54,8 @@ def self_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, h: jax.Array, 
     for z in (v, k, q):
         for _ in range(gem.ss_attn_iter):
             z = _normalize(z)
-            z = dot_product_attention(z, z, z, attention=attention, scale=inv_t)
+            z = dot_product_attention(z, z, z, attention=attention, scale=inv_t, heads_first=heads_first)
         z = _normalize(z)
-        out = dot_product_attention(z, z, v, attention=attention, scale=inv_t)
+        out = dot_product_attention(z, z, v, attention=attention, scale=inv_t, heads_first=heads_first)
         total = out if total is None else total + out
     return total / 3

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zsp_jax.models.attention import check_attention, dot_product_attention
+from zsp_jax.models.attention import check_attention, dot_product_attention, heads_first
 from zsp_jax.models.clip import gem as gem_lib
 from zsp_jax.models.clip.config import ClipConfig, GemConfig
 from zsp_jax.utils.resize import resize_matrix
@@ -113,7 +113,8 @@ class Embed(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head self-attention with separate q/k/v projections (biases on all four).
 
-    ``attention`` selects the implementation (``zsp_jax.models.attention``).
+    ``attention`` selects the implementation (``zsp_jax.models.attention``), and with it the
+    layout of q/k/v (``layout_heads_first``).
     """
 
     def __init__(self, width: int, heads: int, *, keys: KeyGen, dtype: DType, param_dtype: DType,
@@ -127,14 +128,27 @@ class Attention(nnx.Module):
         self.v = Dense(width, width, **kw)
         self.out = Dense(width, width, **kw)
 
+    @property
+    def layout_heads_first(self) -> bool:
+        """q/k/v are (B, heads, N, head_dim) for the einsum form (CPU), else (B, N, heads, head_dim)."""
+        return heads_first(self.attention)
+
     def qkv(self, h: Array) -> tuple[Array, Array, Array]:
-        """(B, N, C) -> q, k, v each (B, N, heads, head_dim) (``jax.nn.dot_product_attention``'s layout)."""
-        split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim)  # noqa: E731
+        """(B, N, C) -> q, k, v each (B, N, heads, head_dim), or (B, heads, N, head_dim) (``layout_heads_first``)."""
+        def split(t: Array) -> Array:
+            t = t.reshape(*t.shape[:-1], self.heads, self.head_dim)
+            return t.swapaxes(-2, -3) if self.layout_heads_first else t
+
         return split(self.q(h)), split(self.k(h)), split(self.v(h))
 
     def merge(self, o: Array) -> Array:
-        """(B, N, heads, head_dim) -> out-projected (B, N, C)."""
-        return self.out(o.reshape(*o.shape[:-2], -1))
+        """Attention output in the q/k/v layout -> out-projected (B, N, C)."""
+        if not self.layout_heads_first:
+            return self.out(o.reshape(*o.shape[:-2], -1))
+        # Heads first: the out-projection contracts (heads, head_dim) directly, no transpose materialised.
+        kernel = self.out.kernel.get_value().astype(self.out.dtype).reshape(self.heads, self.head_dim, -1)
+        y = jnp.einsum("bhnd,hdc->bnc", o.astype(self.out.dtype), kernel)
+        return y + self.out.bias.get_value().astype(self.out.dtype)
 
 
 class Mlp(nnx.Module):
@@ -173,16 +187,17 @@ class Block(nnx.Module):
 
     def finish(self, x: Array, q: Array, k: Array, v: Array, *, causal: bool = False,
                select: Array | None = None) -> Array:
-        """The block from its q/k/v ((B, N, heads, head_dim)) on: attention, residual, MLP (shared with GEM)."""
+        """The block from its q/k/v (``Attention.qkv``) on: attention, residual, MLP (shared with GEM)."""
         mask = None
         is_causal = causal and select is None
+        token_axis = 2 if self.attn.layout_heads_first else 1
         if select is not None:
-            q = jnp.take_along_axis(q, select[:, None, None, None], axis=1)
+            q = jnp.take_along_axis(q, select[:, None, None, None], axis=token_axis)
             x = jnp.take_along_axis(x, select[:, None, None], axis=1)
             if causal:  # the single query at position s sees keys 0..s
-                mask = (jnp.arange(k.shape[1])[None, :] <= select[:, None])[:, None, None, :]
+                mask = (jnp.arange(k.shape[token_axis])[None, :] <= select[:, None])[:, None, None, :]
         o = dot_product_attention(q, k, v, attention=self.attn.attention, scale=self.attn.head_dim ** -0.5,
-                                  mask=mask, is_causal=is_causal)
+                                  mask=mask, is_causal=is_causal, heads_first=self.attn.layout_heads_first)
         x = x + self.attn.merge(o)
         return x + self.mlp(self.ln_2(x))
 
@@ -286,7 +301,8 @@ class VisionTower(nnx.Module):
         for i, blk in enumerate(blocks[split:]):
             h = blk.ln_1(x)
             q, k, v = blk.attn.qkv(h)
-            x_gem = x_gem + blk.attn.merge(gem_lib.self_self_attention(q, k, v, h, gem, attention=self.attention))
+            x_gem = x_gem + blk.attn.merge(gem_lib.self_self_attention(
+                q, k, v, h, gem, attention=self.attention, heads_first=blk.attn.layout_heads_first))
             last = i == n_gem - 1
             select = jnp.zeros((b,), jnp.int32) if last and not return_original else None
             x = blk.finish(x, q, k, v, select=select)
@@ -333,7 +349,7 @@ class ClipModel(nnx.Module):
 
     Args:
       config: the architecture.
-      dtype: compute dtype (float32, or bfloat16 for speed; see the README for its deviation).
+      dtype: compute dtype (float32, or bfloat16 for speed; docs/benchmarks.md gives its deviation).
       param_dtype: storage dtype of the weights.
       rngs: initialisers' RNG streams, or ``seed`` (random initialisation is only for tests:
         real use loads converted weights with ``load_clip``).

@@ -14,7 +14,7 @@ weights and config, so a cache entry can never be served for another model.
 Prompts are encoded in fixed-size batches, cut to the longest prompt rounded up to a multiple
 of 8 tokens (exact: the text tower is causal and pools at the end-of-text token); for short
 class prompts this is several times faster than the full 77-token context (``tools/bench_clip.py
---text``; figures in the README).
+--text``; figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -52,7 +52,10 @@ from flax import nnx
 from zsp_jax.models.clip.convert import _hf_weight_files, _SafetensorsDict
 from zsp_jax.models.dinov2.config import VARIANTS, Dinov2Config, swiglu_hidden_dim
 from zsp_jax.models.dinov2.model import Dinov2
-from zsp_jax.utils import weights as W
+from zsp_jax.utils.weights import (ConversionError, Rule, build_with_weights, conv2d, flat_shapes, identity, linear,
+                                   load_torch_checkpoint, load_weights, save_weights, split, unwrap_state_dict)
+# the Rule-table conversion, by another name: convert_state_dict is this module's own (DINOv2 state dicts)
+from zsp_jax.utils.weights import convert_state_dict as convert_by_rules
 
 MODEL_NAME = "dinov2"
 FORMATS = ("official", "hf", "unimatch_v2")
@@ -60,47 +63,47 @@ V2_ENTRIES = ("model_ema", "model")
 HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 DINOV2_HEAD_DIM = 64
 
-_NORM = [("weight", "scale", W.identity), ("bias", "bias", W.identity)]
-_LINEAR = [("weight", "kernel", W.linear), ("bias", "bias", W.identity)]
+_NORM = [("weight", "scale", identity), ("bias", "bias", identity)]
+_LINEAR = [("weight", "kernel", linear), ("bias", "bias", identity)]
 
 
-def _module_rules(src: str, dst: str, kind: list[tuple[str, str, Any]]) -> list[W.Rule]:
-    return [W.Rule(rf"{src}\.{s}", f"{dst}.{d}", t) for s, d, t in kind]
+def _module_rules(src: str, dst: str, kind: list[tuple[str, str, Any]]) -> list[Rule]:
+    return [Rule(rf"{src}\.{s}", f"{dst}.{d}", t) for s, d, t in kind]
 
 
-def official_rules(src: str = "", dst: str = "") -> list[W.Rule]:
+def official_rules(src: str = "", dst: str = "") -> list[Rule]:
     """DINOv2 key layout -> ``Dinov2`` state paths; ``src`` / ``dst`` prefix both sides (e.g. ``backbone.``)."""
     s, b = re.escape(src), rf"{re.escape(src)}blocks\.(\d+)"
-    rules = [W.Rule(rf"{s}(cls_token|pos_embed|register_tokens|mask_token)", rf"{dst}\1"),
-             W.Rule(rf"{s}patch_embed\.proj\.weight", f"{dst}patch_embed.proj.kernel", W.conv2d),
-             W.Rule(rf"{s}patch_embed\.proj\.bias", f"{dst}patch_embed.proj.bias")]
+    rules = [Rule(rf"{s}(cls_token|pos_embed|register_tokens|mask_token)", rf"{dst}\1"),
+             Rule(rf"{s}patch_embed\.proj\.weight", f"{dst}patch_embed.proj.kernel", conv2d),
+             Rule(rf"{s}patch_embed\.proj\.bias", f"{dst}patch_embed.proj.bias")]
     rules += _module_rules(rf"{s}norm", f"{dst}norm", _NORM)
     rules += _module_rules(rf"{b}\.(norm[12])", rf"{dst}blocks.\1.\2", _NORM)
-    rules += [W.Rule(rf"{b}\.attn\.qkv\.weight", tuple(rf"{dst}blocks.\1.attn.{n}.kernel" for n in "qkv"),
-                     W.split(3, then=W.linear)),
-              W.Rule(rf"{b}\.attn\.qkv\.bias", tuple(rf"{dst}blocks.\1.attn.{n}.bias" for n in "qkv"), W.split(3)),
-              W.Rule(rf"{b}\.(ls[12])\.gamma", rf"{dst}blocks.\1.\2.gamma"),
-              W.Rule(rf"{b}\.mlp\.w12\.weight", (rf"{dst}blocks.\1.mlp.w1.kernel", rf"{dst}blocks.\1.mlp.w2.kernel"),
-                     W.split(2, then=W.linear)),
-              W.Rule(rf"{b}\.mlp\.w12\.bias", (rf"{dst}blocks.\1.mlp.w1.bias", rf"{dst}blocks.\1.mlp.w2.bias"),
-                     W.split(2))]
+    rules += [Rule(rf"{b}\.attn\.qkv\.weight", tuple(rf"{dst}blocks.\1.attn.{n}.kernel" for n in "qkv"),
+                   split(3, then=linear)),
+              Rule(rf"{b}\.attn\.qkv\.bias", tuple(rf"{dst}blocks.\1.attn.{n}.bias" for n in "qkv"), split(3)),
+              Rule(rf"{b}\.(ls[12])\.gamma", rf"{dst}blocks.\1.\2.gamma"),
+              Rule(rf"{b}\.mlp\.w12\.weight", (rf"{dst}blocks.\1.mlp.w1.kernel", rf"{dst}blocks.\1.mlp.w2.kernel"),
+                   split(2, then=linear)),
+              Rule(rf"{b}\.mlp\.w12\.bias", (rf"{dst}blocks.\1.mlp.w1.bias", rf"{dst}blocks.\1.mlp.w2.bias"),
+                   split(2))]
     rules += _module_rules(rf"{b}\.attn\.proj", rf"{dst}blocks.\1.attn.proj", _LINEAR)
     rules += _module_rules(rf"{b}\.mlp\.(fc[12]|w3)", rf"{dst}blocks.\1.mlp.\2", _LINEAR)
     return rules
 
 
-def hf_rules(src: str = "", dst: str = "") -> list[W.Rule]:
+def hf_rules(src: str = "", dst: str = "") -> list[Rule]:
     """transformers DINOv2 key layouts (Hub files and transformers 5 names) -> ``Dinov2`` state paths."""
     e, b = rf"{re.escape(src)}embeddings", rf"{re.escape(src)}encoder\.layer\.(\d+)"
-    rules = [W.Rule(rf"{e}\.(cls_token|register_tokens|mask_token)", rf"{dst}\1"),
-             W.Rule(rf"{e}\.position_embeddings", f"{dst}pos_embed"),
-             W.Rule(rf"{e}\.patch_embeddings\.projection\.weight", f"{dst}patch_embed.proj.kernel", W.conv2d),
-             W.Rule(rf"{e}\.patch_embeddings\.projection\.bias", f"{dst}patch_embed.proj.bias"),
-             W.Rule(rf"{b}\.layer_scale([12])\.lambda1", rf"{dst}blocks.\1.ls\2.gamma"),
-             W.Rule(rf"{b}\.mlp\.weights_in\.weight", (rf"{dst}blocks.\1.mlp.w1.kernel", rf"{dst}blocks.\1.mlp.w2.kernel"),
-                    W.split(2, then=W.linear)),
-             W.Rule(rf"{b}\.mlp\.weights_in\.bias", (rf"{dst}blocks.\1.mlp.w1.bias", rf"{dst}blocks.\1.mlp.w2.bias"),
-                    W.split(2))]
+    rules = [Rule(rf"{e}\.(cls_token|register_tokens|mask_token)", rf"{dst}\1"),
+             Rule(rf"{e}\.position_embeddings", f"{dst}pos_embed"),
+             Rule(rf"{e}\.patch_embeddings\.projection\.weight", f"{dst}patch_embed.proj.kernel", conv2d),
+             Rule(rf"{e}\.patch_embeddings\.projection\.bias", f"{dst}patch_embed.proj.bias"),
+             Rule(rf"{b}\.layer_scale([12])\.lambda1", rf"{dst}blocks.\1.ls\2.gamma"),
+             Rule(rf"{b}\.mlp\.weights_in\.weight", (rf"{dst}blocks.\1.mlp.w1.kernel", rf"{dst}blocks.\1.mlp.w2.kernel"),
+                  split(2, then=linear)),
+             Rule(rf"{b}\.mlp\.weights_in\.bias", (rf"{dst}blocks.\1.mlp.w1.bias", rf"{dst}blocks.\1.mlp.w2.bias"),
+                  split(2))]
     rules += _module_rules(rf"{re.escape(src)}layernorm", f"{dst}norm", _NORM)
     rules += _module_rules(rf"{b}\.(norm[12])", rf"{dst}blocks.\1.\2", _NORM)
     for hub, hf5, ours in (("attention.attention.query", "attention.q_proj", "attn.q"),
@@ -124,7 +127,7 @@ def unchunk_blocks(sd: Mapping[str, Any], prefix: str = "", *, source_name: str 
         m = rx.fullmatch(k)
         key = f"{m.group(1)}{m.group(3)}.{m.group(4)}" if m else k
         if key in out:
-            raise W.ConversionError(f"cannot convert {source_name}: {k} and another tensor are both {key}")
+            raise ConversionError(f"cannot convert {source_name}: {k} and another tensor are both {key}")
         out[key] = v
     return out
 
@@ -191,24 +194,24 @@ def infer_config(sd: Mapping[str, Any], fmt: str = "official", *, src: str = "",
             hidden = shape(lay["fc1"])[0]
     except KeyError as e:
         keys = list(sd)
-        raise W.ConversionError(f"cannot convert {source_name}: not a DINOv2 state_dict: it has no tensor "
-                                f"{e.args[0]!r} ({len(keys)} tensors, e.g. {keys[:4]})") from None
+        raise ConversionError(f"cannot convert {source_name}: not a DINOv2 state_dict: it has no tensor "
+                              f"{e.args[0]!r} ({len(keys)} tensors, e.g. {keys[:4]})") from None
     if blocks != list(range(len(blocks))):
         missing = sorted(set(range(blocks[-1] + 1)) - set(blocks))
-        raise W.ConversionError(f"cannot convert {source_name}: blocks {missing} are missing (truncated file?)")
+        raise ConversionError(f"cannot convert {source_name}: blocks {missing} are missing (truncated file?)")
     grid = round((tokens - 1) ** 0.5)
     if grid * grid != tokens - 1:
-        raise W.ConversionError(f"cannot convert {source_name}: the positional embedding has {tokens} tokens, "
-                                "not 1 + a square grid")
+        raise ConversionError(f"cannot convert {source_name}: the positional embedding has {tokens} tokens, "
+                              "not 1 + a square grid")
     heads = num_heads if num_heads is not None else max(dim // DINOV2_HEAD_DIM, 1)
     if dim % heads:
-        raise W.ConversionError(f"cannot convert {source_name}: width {dim} is not divisible by {heads} heads")
+        raise ConversionError(f"cannot convert {source_name}: width {dim} is not divisible by {heads} heads")
     depth = len(blocks)
     if swiglu is not None:
         ratio = 4.0
         if swiglu_hidden_dim(dim, ratio) != hidden:
-            raise W.ConversionError(f"cannot convert {source_name}: SwiGLU width {hidden} for width {dim} does not "
-                                    f"follow DINOv2's rule (mlp_ratio 4 gives {swiglu_hidden_dim(dim, ratio)})")
+            raise ConversionError(f"cannot convert {source_name}: SwiGLU width {hidden} for width {dim} does not "
+                                  f"follow DINOv2's rule (mlp_ratio 4 gives {swiglu_hidden_dim(dim, ratio)})")
         ffn = "swiglu"
     else:
         ratio, ffn = hidden / dim, "mlp"
@@ -220,7 +223,7 @@ def infer_config(sd: Mapping[str, Any], fmt: str = "official", *, src: str = "",
     try:
         found = Dinov2Config(name="custom", intermediate_indices=_default_indices(depth), **fields)
     except ValueError as e:
-        raise W.ConversionError(f"cannot convert {source_name}: inconsistent DINOv2 tensors: {e}") from None
+        raise ConversionError(f"cannot convert {source_name}: inconsistent DINOv2 tensors: {e}") from None
     for name in VARIANTS:
         named = Dinov2Config.from_name(name)
         if named.architecture() == found.architecture():
@@ -239,7 +242,7 @@ def config_differences(found: Dinov2Config, expected: Dinov2Config) -> list[str]
 
 def expected_shapes(config: Dinov2Config, dst: str = "") -> dict[str, Any]:
     """NNX state path -> ShapeDtypeStruct of every weight of ``Dinov2(config)`` (no allocation)."""
-    shapes = W.flat_shapes(nnx.eval_shape(lambda: Dinov2(config, rngs=nnx.Rngs(0))))
+    shapes = flat_shapes(nnx.eval_shape(lambda: Dinov2(config, rngs=nnx.Rngs(0))))
     return {dst + k: v for k, v in shapes.items()}
 
 
@@ -274,7 +277,7 @@ def _resolve_variant(variant: str | Dinov2Config | None) -> Dinov2Config | None:
     try:
         return Dinov2Config.from_name(variant)
     except ValueError as e:
-        raise W.ConversionError(str(e)) from None
+        raise ConversionError(str(e)) from None
 
 
 def convert_state_dict(sd: Mapping[str, Any], fmt: str = "official", *, variant: str | Dinov2Config | None = None,
@@ -321,14 +324,14 @@ def convert_state_dict(sd: Mapping[str, Any], fmt: str = "official", *, variant:
             # the differing shapes, from the shapes alone (zero-stride stand-ins: nothing is read)
             stand_ins = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in sd.items()}
             try:
-                W.convert_state_dict(stand_ins, rules, expected_shapes(want), source_name=source_name, drop=drop)
-            except W.ConversionError as e:
-                raise W.ConversionError(f"{headline}\n{e}") from None
-            raise W.ConversionError(headline)
+                convert_by_rules(stand_ins, rules, expected_shapes(want), source_name=source_name, drop=drop)
+            except ConversionError as e:
+                raise ConversionError(f"{headline}\n{e}") from None
+            raise ConversionError(headline)
         config = want
     elif found.name == "custom" and not allow_custom:
         near = min((Dinov2Config.from_name(v) for v in VARIANTS), key=lambda v: len(config_differences(found, v)))
-        raise W.ConversionError(
+        raise ConversionError(
             f"cannot convert {source_name}: the tensors describe no DINOv2 variant ({', '.join(VARIANTS)}); nearest "
             f"is {near.name}, which differs in\n    " + "\n    ".join(config_differences(found, near))
             + "\n  (a truncated or modified checkpoint? pass allow_custom / --allow-custom to convert it anyway)")
@@ -337,7 +340,7 @@ def convert_state_dict(sd: Mapping[str, Any], fmt: str = "official", *, variant:
     overrides = {k: v for k, v in (("interpolate_offset", interpolate_offset),
                                    ("interpolate_antialias", interpolate_antialias)) if v is not None}
     config = dataclasses.replace(config, **overrides)
-    weights = W.convert_state_dict(sd, rules, expected_shapes(config), source_name=source_name, drop=drop)
+    weights = convert_by_rules(sd, rules, expected_shapes(config), source_name=source_name, drop=drop)
     return ConvertedDinov2(config, weights, fmt, source_name, entry)
 
 
@@ -352,8 +355,8 @@ def _detect_layout(sd: Mapping[str, Any], source_name: str) -> str:
         return "hf"
     if "cls_token" in sd or any(k.startswith("blocks.") for k in keys):
         return "official"
-    raise W.ConversionError(f"cannot convert {source_name}: not a DINOv2 checkpoint (no cls_token, "
-                            f"embeddings.cls_token or backbone.* tensors; {len(keys)} tensors, e.g. {keys[:4]})")
+    raise ConversionError(f"cannot convert {source_name}: not a DINOv2 checkpoint (no cls_token, "
+                          f"embeddings.cls_token or backbone.* tensors; {len(keys)} tensors, e.g. {keys[:4]})")
 
 
 def _strip_module(sd: Mapping[str, Any]) -> dict[str, Any]:
@@ -368,10 +371,10 @@ def _read_hf_directory(directory: str) -> tuple[Mapping[str, Any], int | None]:
         with open(cfg_path) as f:
             hf_config = json.load(f)
     except (OSError, ValueError) as e:
-        raise W.ConversionError(f"{cfg_path}: not a readable JSON config: {e}") from None
+        raise ConversionError(f"{cfg_path}: not a readable JSON config: {e}") from None
     if hf_config.get("model_type") not in HF_MODEL_TYPES:
-        raise W.ConversionError(f"{cfg_path}: model_type is {hf_config.get('model_type')!r}, expected one of "
-                                f"{HF_MODEL_TYPES}")
+        raise ConversionError(f"{cfg_path}: model_type is {hf_config.get('model_type')!r}, expected one of "
+                              f"{HF_MODEL_TYPES}")
     try:
         files, kind = _hf_weight_files(directory)
     except FileNotFoundError:
@@ -382,7 +385,7 @@ def _read_hf_directory(directory: str) -> tuple[Mapping[str, Any], int | None]:
     else:
         sd = {}
         for f in files:
-            sd.update(W.unwrap_state_dict(W.load_torch_checkpoint(f), path=f))
+            sd.update(unwrap_state_dict(load_torch_checkpoint(f), path=f))
     return sd, hf_config.get("num_attention_heads")
 
 
@@ -402,7 +405,7 @@ def _load_torch(path: str) -> Any:
     import torch
 
     with torch.serialization.safe_globals(_numpy_scalar_globals()):
-        return W.load_torch_checkpoint(path)
+        return load_torch_checkpoint(path)
 
 
 def read_checkpoint(source: str | os.PathLike, *, entry: str | None = None
@@ -434,13 +437,13 @@ def read_checkpoint(source: str | os.PathLike, *, entry: str | None = None
         present = [k for k in V2_ENTRIES if isinstance(obj.get(k), Mapping)]
         used = entry if entry is not None else (present[0] if present else None)
         if used not in present:
-            raise W.ConversionError(f"cannot convert {source}: the checkpoint has no {used!r} entry "
-                                    f"(entries: {sorted(obj)})")
+            raise ConversionError(f"cannot convert {source}: the checkpoint has no {used!r} entry "
+                                  f"(entries: {sorted(obj)})")
         obj = obj[used]
     elif entry is not None:
-        raise W.ConversionError(f"cannot convert {source}: entry {entry!r} asked for, but the file is not a "
-                                f"UniMatch V2 checkpoint with 'model' / 'model_ema' entries")
-    sd = _strip_module(W.unwrap_state_dict(obj, path=source))
+        raise ConversionError(f"cannot convert {source}: entry {entry!r} asked for, but the file is not a "
+                              f"UniMatch V2 checkpoint with 'model' / 'model_ema' entries")
+    sd = _strip_module(unwrap_state_dict(obj, path=source))
     return sd, _detect_layout(sd, source), used, None
 
 
@@ -481,7 +484,7 @@ def metadata(converted: ConvertedDinov2) -> dict[str, str]:
 
 def save_dinov2(path: str | os.PathLike, converted: ConvertedDinov2) -> None:
     """Writes a converted model as ``.safetensors`` with its config in the metadata (atomic)."""
-    W.save_weights(path, converted.weights, metadata(converted))
+    save_weights(path, converted.weights, metadata(converted))
 
 
 def build_dinov2(config: Dinov2Config, weights: Mapping[str, np.ndarray], *, source_name: str,
@@ -493,7 +496,7 @@ def build_dinov2(config: Dinov2Config, weights: Mapping[str, np.ndarray], *, sou
     """
     dtype = jnp.float32 if dtype is None else dtype
     param_dtype = param_dtype or (dtype if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32)
-    return W.build_with_weights(
+    return build_with_weights(
         lambda: Dinov2(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), attention=attention),
         weights, source_name=source_name, dtype=param_dtype)
 
@@ -506,10 +509,10 @@ def read_dinov2_config(path: str | os.PathLike) -> Dinov2Config:
         with safe_open(os.fspath(path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise W.ConversionError(f"{path}: not a readable safetensors file: {e}") from None
+        raise ConversionError(f"{path}: not a readable safetensors file: {e}") from None
     if meta.get("zsp_jax.model") != MODEL_NAME:
-        raise W.ConversionError(f"{path}: not a converted zsp_jax DINOv2 file (zsp_jax.model is "
-                                f"{meta.get('zsp_jax.model')!r})")
+        raise ConversionError(f"{path}: not a converted zsp_jax DINOv2 file (zsp_jax.model is "
+                              f"{meta.get('zsp_jax.model')!r})")
     return Dinov2Config.from_json(meta["zsp_jax.config"])
 
 
@@ -526,10 +529,10 @@ def load_dinov2(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtyp
     Returns:
       the model; its architecture is ``model.config``.
     """
-    weights, meta = W.load_weights(path, expect={"zsp_jax.model": MODEL_NAME})
+    weights, meta = load_weights(path, expect={"zsp_jax.model": MODEL_NAME})
     try:
         config = Dinov2Config.from_json(meta["zsp_jax.config"])
     except (KeyError, ValueError, TypeError) as e:
-        raise W.ConversionError(f"{path}: no valid DINOv2 config in the file's metadata: {e}") from None
+        raise ConversionError(f"{path}: no valid DINOv2 config in the file's metadata: {e}") from None
     return build_dinov2(config, weights, source_name=os.fspath(path), dtype=dtype, param_dtype=param_dtype,
                         attention=attention)

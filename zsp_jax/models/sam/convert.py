@@ -40,7 +40,9 @@ from flax import nnx
 
 from zsp_jax.models.sam.config import VARIANTS, SamConfig
 from zsp_jax.models.sam.model import Sam
-from zsp_jax.utils import weights as W
+from zsp_jax.utils.weights import (ConversionError, Rule, build_with_weights, conv2d, convert_state_dict, flat_shapes,
+                                   identity, linear, load_torch_checkpoint, load_weights, save_weights,
+                                   unwrap_state_dict)
 
 MODEL_NAME = "sam"
 
@@ -88,23 +90,23 @@ def _unflipped_transpose_conv(w: np.ndarray) -> np.ndarray:
 
 
 _WEIGHT = {
-    "linear": ("kernel", W.linear),
-    "conv": ("kernel", W.conv2d),
+    "linear": ("kernel", linear),
+    "conv": ("kernel", conv2d),
     "conv_transpose": ("kernel", _unflipped_transpose_conv),
-    "norm": ("scale", W.identity),
-    "embed": ("embedding", W.identity),
+    "norm": ("scale", identity),
+    "embed": ("embedding", identity),
 }
 
 
-def sam_rules() -> list[W.Rule]:
+def sam_rules() -> list[Rule]:
     """The conversion table: segment-anything state_dict keys -> ``Sam`` NNX state paths."""
     rules = []
     for src, dst, kind in _MODULES:
         name, transform = _WEIGHT[kind]
-        rules.append(W.Rule(src + r"\.weight", f"{dst}.{name}", transform))
+        rules.append(Rule(src + r"\.weight", f"{dst}.{name}", transform))
         if kind != "embed":
-            rules.append(W.Rule(src + r"\.bias", f"{dst}.bias"))
-    rules += [W.Rule(f"({p})", r"\1") for p in _PARAMS]
+            rules.append(Rule(src + r"\.bias", f"{dst}.bias"))
+    rules += [Rule(f"({p})", r"\1") for p in _PARAMS]
     return rules
 
 
@@ -136,7 +138,7 @@ def infer_config(sd: Mapping[str, Any], *, source_name: str = "state_dict") -> S
             raise KeyError("image_encoder.blocks.0.*")
         if blocks != list(range(len(blocks))):
             missing = sorted(set(range(blocks[-1] + 1)) - set(blocks))
-            raise W.ConversionError(f"{source_name}: image encoder blocks {missing} are missing (truncated file?)")
+            raise ConversionError(f"{source_name}: image encoder blocks {missing} are missing (truncated file?)")
         table = {i: _shape(sd, f"image_encoder.blocks.{i}.attn.rel_pos_h", source_name) for i in blocks}
         head_dim = table[0][1]
         global_idx = tuple(i for i in blocks if table[i][0] == 2 * grid - 1)
@@ -154,7 +156,7 @@ def infer_config(sd: Mapping[str, Any], *, source_name: str = "state_dict") -> S
         iou_hidden = _shape(sd, "mask_decoder.iou_prediction_head.layers.0.weight", source_name)[0]
     except KeyError as e:
         keys = list(sd)
-        raise W.ConversionError(
+        raise ConversionError(
             f"{source_name}: not a segment-anything SAM state_dict: it has no tensor {e.args[0]!r} "
             f"({len(keys)} tensors, e.g. {keys[:4]})") from None
     fields = dict(image_size=grid * patch, patch_size=patch, encoder_dim=dim, encoder_depth=len(blocks),
@@ -171,7 +173,7 @@ def infer_config(sd: Mapping[str, Any], *, source_name: str = "state_dict") -> S
     try:
         return SamConfig(name="custom", **fields)
     except ValueError as e:
-        raise W.ConversionError(f"{source_name}: inconsistent SAM tensors: {e}") from None
+        raise ConversionError(f"{source_name}: inconsistent SAM tensors: {e}") from None
 
 
 def config_differences(found: SamConfig, expected: SamConfig) -> list[str]:
@@ -186,7 +188,7 @@ def _nearest_variant(config: SamConfig) -> SamConfig:
 
 def expected_shapes(config: SamConfig) -> dict[str, Any]:
     """NNX state path -> ShapeDtypeStruct of every weight of ``Sam(config)`` (no allocation)."""
-    return W.flat_shapes(nnx.eval_shape(lambda: Sam(config, rngs=nnx.Rngs(0))))
+    return flat_shapes(nnx.eval_shape(lambda: Sam(config, rngs=nnx.Rngs(0))))
 
 
 def convert_sam_state_dict(sd: Mapping[str, Any], *, variant: str | None = None, allow_custom: bool = False,
@@ -216,7 +218,7 @@ def convert_sam_state_dict(sd: Mapping[str, Any], *, variant: str | None = None,
                         + "\n    ".join(diffs))
     elif found.name == "custom" and not allow_custom:
         near = _nearest_variant(found)
-        raise W.ConversionError(
+        raise ConversionError(
             f"{source_name}: the tensors describe no SAM variant (vit_b / vit_l / vit_h); nearest is {near.name}, "
             "which differs in\n    " + "\n    ".join(config_differences(found, near))
             + "\n  (a truncated or modified checkpoint? To convert it anyway: --allow-custom of tools/convert_sam.py, "
@@ -228,11 +230,11 @@ def convert_sam_state_dict(sd: Mapping[str, Any], *, variant: str | None = None,
         # read or converted for a file that cannot fit.
         stand_ins = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in sd.items()}
         try:
-            W.convert_state_dict(stand_ins, sam_rules(), expected_shapes(config), source_name=source_name)
-        except W.ConversionError as e:
-            raise W.ConversionError(f"{headline}\n{e}") from None
-        raise W.ConversionError(headline)
-    weights = W.convert_state_dict(sd, sam_rules(), expected_shapes(config), source_name=source_name)
+            convert_state_dict(stand_ins, sam_rules(), expected_shapes(config), source_name=source_name)
+        except ConversionError as e:
+            raise ConversionError(f"{headline}\n{e}") from None
+        raise ConversionError(headline)
+    weights = convert_state_dict(sd, sam_rules(), expected_shapes(config), source_name=source_name)
     return weights, config
 
 
@@ -245,10 +247,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, varian
                        allow_custom: bool = False) -> SamConfig:
     """``sam_vit_*.pth`` -> ``dst`` (.safetensors with the config in its metadata). Returns the config."""
     src = os.fspath(src)
-    obj = W.load_torch_checkpoint(src)
-    sd = W.unwrap_state_dict(obj, path=src)
+    obj = load_torch_checkpoint(src)
+    sd = unwrap_state_dict(obj, path=src)
     weights, config = convert_sam_state_dict(sd, variant=variant, allow_custom=allow_custom, source_name=src)
-    W.save_weights(dst, weights, metadata(config, src))
+    save_weights(dst, weights, metadata(config, src))
     return config
 
 
@@ -268,12 +270,12 @@ def load_sam(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: 
     Returns:
       (model, config).
     """
-    weights, meta = W.load_weights(path, expect={"zsp_jax.model": MODEL_NAME})
+    weights, meta = load_weights(path, expect={"zsp_jax.model": MODEL_NAME})
     try:
         config = SamConfig.from_json(meta["zsp_jax.config"])
     except (KeyError, ValueError) as e:
-        raise W.ConversionError(f"{path}: no valid SAM config in the file's metadata: {e}") from None
-    model = W.build_with_weights(
+        raise ConversionError(f"{path}: no valid SAM config in the file's metadata: {e}") from None
+    model = build_with_weights(
         lambda: Sam(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **model_kwargs),
         weights, source_name=os.fspath(path), dtype=param_dtype)
     return model, config
@@ -285,7 +287,7 @@ def from_state_dict(sd: Mapping[str, Any], *, config: SamConfig | None = None, d
     if config is None:
         weights, config = convert_sam_state_dict(sd, allow_custom=True, source_name=source_name)
     else:
-        weights = W.convert_state_dict(sd, sam_rules(), expected_shapes(config), source_name=source_name)
-    return W.build_with_weights(
+        weights = convert_state_dict(sd, sam_rules(), expected_shapes(config), source_name=source_name)
+    return build_with_weights(
         lambda: Sam(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **model_kwargs),
         weights, source_name=source_name, dtype=param_dtype)

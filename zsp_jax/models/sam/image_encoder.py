@@ -15,22 +15,21 @@ LayerNorm2d), with two exact rewrites that save work:
 
 Attention goes through ``zsp_jax.models.attention.dot_product_attention`` (the ``attention``
 option: ``jax.nn.dot_product_attention`` with XLA or cuDNN, or the einsum form that is fastest on
-CPU), float32 logits and softmax. The decomposed relative positions are its ``bias``: the two
-tables (q, kh) and (q, kw) broadcast-added into a (q, k) array, which XLA fuses into the logits
-on the xla and einsum paths (cuDNN reads it from memory).
+CPU, on heads-first operands), float32 logits and softmax. The decomposed relative positions are
+its ``bias``: the two tables (q, kh) and (q, kw) broadcast-added into a (q, k) array, which XLA
+fuses into the logits on the xla and einsum paths (cuDNN reads it from memory).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zsp_jax.models.attention import dot_product_attention
+from zsp_jax.models.attention import dot_product_attention, heads_first
 from zsp_jax.models.sam.config import SamConfig
 from zsp_jax.models.sam.layers import Dtype, MLPBlock, gelu, layer_norm, linear
 
@@ -118,24 +117,38 @@ class EncoderAttention(nnx.Module):
         return qkv, (nh, nw)
 
     def _attend(self, qkv: jax.Array) -> jax.Array:
-        """(B', h, w, 3D) -> (B', h, w, D): softmax(scale q k^T + rel_h + rel_w) v per head."""
+        """(B', h, w, 3D) -> (B', h, w, D): softmax(scale q k^T + rel_h + rel_w) v per head.
+
+        q/k/v are heads first, (B', heads, T, hd), for the einsum form (``heads_first``), else
+        (B', T, heads, hd); the chunked path works heads first either way.
+        """
         b, h, w, c = qkv.shape
         d = c // 3
         nh = self.heads
+        first = heads_first(self.attention)
         qkv = qkv.reshape(b, h * w, 3, nh, d // nh)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B', T, heads, hd)
+        if first:
+            q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # (B', heads, T, hd) each
+            rq, grid = q.reshape(b, nh, h, w, -1), "bnyxc"
+        else:
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B', T, heads, hd) each
+            rq, grid = q.reshape(b, h, w, nh, -1), "byxnc"
         rh = self.rel_pos_h.get_value().astype(q.dtype)[relative_position_index(h)]  # (h, kh, hd)
         rw = self.rel_pos_w.get_value().astype(q.dtype)[relative_position_index(w)]  # (w, kw, hd)
-        rq = q.reshape(b, h, w, nh, -1)
-        rel_h = jnp.einsum("byxnc,ykc->bnyxk", rq, rh)  # (B', heads, h, w, kh)
-        rel_w = jnp.einsum("byxnc,xkc->bnyxk", rq, rw)  # (B', heads, h, w, kw)
+        rel_h = jnp.einsum(f"{grid},ykc->bnyxk", rq, rh)  # (B', heads, h, w, kh)
+        rel_w = jnp.einsum(f"{grid},xkc->bnyxk", rq, rw)  # (B', heads, h, w, kw)
         rows, heads_per_step = (chunk_plan(b, nh, h, w, self.chunk_bytes) if self.chunk_bytes > 0 else (h, nh))
-        attend = lambda q, k, v, rel_h, rel_w: _rel_pos_attention(  # noqa: E731
-            q, k, v, rel_h, rel_w, scale=self.scale, attention=self.attention)
         if rows < h or heads_per_step < nh:
-            out = _attend_chunked(attend, q, k, v, rel_h, rel_w, rows, heads_per_step)
+            if not first:
+                q, k, v = (t.swapaxes(1, 2) for t in (q, k, v))
+            out = _attend_chunked(q, k, v, rel_h, rel_w, rows, heads_per_step, scale=self.scale,
+                                  attention=self.attention)
+            first = True
         else:
-            out = attend(q, k, v, rel_h, rel_w)
+            out = _rel_pos_attention(q, k, v, rel_h, rel_w, scale=self.scale, attention=self.attention,
+                                     heads_first=first)
+        if first:
+            out = out.transpose(0, 2, 1, 3)
         return out.reshape(b, h, w, d)  # (B', T, heads, hd) -> (B', h, w, D)
 
 
@@ -156,50 +169,53 @@ def chunk_plan(batch: int, heads: int, h: int, w: int, budget_bytes: int) -> tup
     return 1, max([g for g in _divisors(heads) if g * per_head_row <= budget_bytes] or [1])
 
 
-def _attend_chunked(attend: Any, q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
-                    rows: int, heads_per_step: int) -> jax.Array:
-    """``attend`` (``_rel_pos_attention``) over blocks of ``rows`` query rows x ``heads_per_step`` heads (``lax.map``).
+def _attend_chunked(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array, rows: int,
+                    heads_per_step: int, *, scale: float, attention: str) -> jax.Array:
+    """``_rel_pos_attention`` (heads first) over blocks of ``rows`` query rows x ``heads_per_step`` heads (``lax.map``).
 
     The full (heads, T, T) logits of a 64x64 global block are 200M floats per image. Computed
     in cache-sized blocks they are written and read back from cache instead of memory and the
     program's temporary memory stays small; the arithmetic per block is the unchunked one.
-    Arguments and result as ``_rel_pos_attention``.
+    Arguments and result as ``_rel_pos_attention`` with ``heads_first=True``.
     """
-    b, t, nh, hd = q.shape
+    b, nh, t, hd = q.shape
     _, _, h, w, kh = rel_h.shape
     kw = rel_w.shape[-1]
     nr, ng, g = h // rows, nh // heads_per_step, heads_per_step
     # Step i covers query-row block i // ng and head group i % ng.
-    qc = q.reshape(b, nr, rows * w, ng, g, hd).transpose(1, 3, 0, 2, 4, 5).reshape(nr * ng, b, rows * w, g, hd)
+    qc = q.reshape(b, ng, g, nr, rows * w, hd).transpose(3, 1, 0, 2, 4, 5).reshape(nr * ng, b, g, rows * w, hd)
     rhc = rel_h.reshape(b, ng, g, nr, rows, w, kh).transpose(3, 1, 0, 2, 4, 5, 6).reshape(nr * ng, b, g, rows, w, kh)
     rwc = rel_w.reshape(b, ng, g, nr, rows, w, kw).transpose(3, 1, 0, 2, 4, 5, 6).reshape(nr * ng, b, g, rows, w, kw)
-    kg = k.reshape(b, -1, ng, g, hd).transpose(2, 0, 1, 3, 4)  # (ng, B, Tk, g, hd)
-    vg = v.reshape(b, -1, ng, g, hd).transpose(2, 0, 1, 3, 4)
+    kg = k.reshape(b, ng, g, -1, hd).transpose(1, 0, 2, 3, 4)  # (ng, B, g, Tk, hd)
+    vg = v.reshape(b, ng, g, -1, hd).transpose(1, 0, 2, 3, 4)
     group = jnp.tile(jnp.arange(ng), nr)
-    out = jax.lax.map(lambda a: attend(a[0], kg[a[3]], vg[a[3]], a[1], a[2]), (qc, rhc, rwc, group))
-    out = out.reshape(nr, ng, b, rows * w, g, hd).transpose(2, 0, 3, 1, 4, 5)
-    return out.reshape(b, t, nh, hd)
+    out = jax.lax.map(lambda a: _rel_pos_attention(a[0], kg[a[3]], vg[a[3]], a[1], a[2], scale=scale,
+                                                   attention=attention, heads_first=True), (qc, rhc, rwc, group))
+    out = out.reshape(nr, ng, b, g, rows * w, hd).transpose(2, 1, 3, 0, 4, 5)
+    return out.reshape(b, nh, t, hd)
 
 
 def _rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array, *,
-                       scale: float, attention: str) -> jax.Array:
+                       scale: float, attention: str, heads_first: bool) -> jax.Array:
     """softmax(scale q k^T + rel_h + rel_w) v with decomposed relative positions as the bias.
 
     Args:
-      q: (B, Tq, heads, hd) queries, Tq = qh * qw (row-major over the query grid).
-      k, v: (B, Tk, heads, hd), Tk = kh * kw.
+      q: (B, Tq, heads, hd) queries, or (B, heads, Tq, hd) with ``heads_first``; Tq = qh * qw
+        (row-major over the query grid).
+      k, v: (B, Tk, heads, hd), or (B, heads, Tk, hd) with ``heads_first``; Tk = kh * kw.
       rel_h: (B, heads, qh, qw, kh); rel_w: (B, heads, qh, qw, kw): the terms added to the
         logits of key row kh / key column kw.
       scale: head_dim^-0.5.
       attention: the implementation (``zsp_jax.models.attention``).
+      heads_first: the layout of q, k, v and of the result.
 
     Returns:
-      (B, Tq, heads, hd).
+      Like q.
     """
     b, nh, qh, qw, kh = rel_h.shape
     kw = rel_w.shape[-1]
     bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, qh * qw, kh * kw)
-    return dot_product_attention(q, k, v, attention=attention, scale=scale, bias=bias)
+    return dot_product_attention(q, k, v, attention=attention, scale=scale, bias=bias, heads_first=heads_first)
 
 
 class EncoderBlock(nnx.Module):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zsp_jax.models.sam import transforms as T
+from zsp_jax.models.sam import transforms
 from zsp_jax.models.sam.model import Sam
 
 
@@ -46,8 +46,8 @@ class SamPredictor:
                    return_logits: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
             low, iou = nnx.merge(graphdef, state).decode(features, coords, labels, boxes, masks,
                                                           multimask_output=multimask_output)
-            full = T.postprocess_masks(low[0], input_size, original_size, s)
-            return (full if return_logits else full > T.MASK_THRESHOLD), iou[0], low[0]
+            full = transforms.postprocess_masks(low[0], input_size, original_size, s)
+            return (full if return_logits else full > transforms.MASK_THRESHOLD), iou[0], low[0]
 
         self._embed = jax.jit(embed)
         self._decode = jax.jit(decode, static_argnames=("multimask_output", "input_size", "original_size",
@@ -71,7 +71,7 @@ class SamPredictor:
         if image_format == "BGR":
             image = image[..., ::-1]
         c = self.config
-        x, input_size = T.preprocess(np.ascontiguousarray(image), c.image_size, c.pixel_mean, c.pixel_std)
+        x, input_size = transforms.preprocess(np.ascontiguousarray(image), c.image_size, c.pixel_mean, c.pixel_std)
         self.features = self._embed(self._state, jnp.asarray(x)[None])
         self.original_size = tuple(int(v) for v in image.shape[:2])
         self.input_size = tuple(int(v) for v in input_size)
@@ -110,12 +110,12 @@ class SamPredictor:
                     (box is not None and np.ndim(box) == 1) or (mask_input is not None and np.ndim(mask_input) == 3)
         coords = labels = boxes = masks = None
         if point_coords is not None:
-            coords = T.apply_coords(np.asarray(point_coords), self.original_size, c.image_size)
+            coords = transforms.apply_coords(np.asarray(point_coords), self.original_size, c.image_size)
             labels = np.asarray(point_labels, np.int32)
             if coords.ndim == 2:
                 coords, labels = coords[None], labels[None]
         if box is not None:
-            boxes = T.apply_boxes(np.asarray(box, np.float64), self.original_size, c.image_size).reshape(-1, 4)
+            boxes = transforms.apply_boxes(np.asarray(box, np.float64), self.original_size, c.image_size).reshape(-1, 4)
         if mask_input is not None:
             masks = np.asarray(mask_input, np.float32)
             masks = (masks[None] if masks.ndim == 3 else masks).transpose(0, 2, 3, 1)  # (N, s, s, 1)

@@ -127,9 +127,9 @@ def clip_safetensors(path: str, cache_dir: str, *, model_name: str = "", log: An
         log(f"converting the CLIP checkpoint {path} to {out} (once; reused while the file is unchanged) ...")
 
         def run() -> None:
-            from zsp_jax.models.clip import convert as C
+            from zsp_jax.models.clip import convert as clip_convert
 
-            C.save_clip(out, C.convert_checkpoint(path, model_name=model_name or None))
+            clip_convert.save_clip(out, clip_convert.convert_checkpoint(path, model_name=model_name or None))
 
         try:
             _convert("CLIP", CLIP_HELP, run)
@@ -182,9 +182,9 @@ def describe_sam(path: str) -> str:
                 raise ValueError(f"a converted {meta.get('zsp_jax.model', 'unknown')!r} file, not SAM")
             return meta.get("zsp_jax.variant", "custom")
         from zsp_jax.models.sam.convert import infer_config
-        from zsp_jax.utils import weights as W
+        from zsp_jax.utils import weights
 
-        sd = W.unwrap_state_dict(W.load_torch_checkpoint(path), path=path)
+        sd = weights.unwrap_state_dict(weights.load_torch_checkpoint(path), path=path)
         return infer_config(sd, source_name=path).name
     except ImportError as e:
         raise CheckpointError(f"{path}: reading a PyTorch checkpoint needs torch ({e}): 'pip install torch==2.13.0', "
@@ -203,22 +203,23 @@ def describe_clip(path: str, model_name: str = "") -> str:
             if meta.get("zsp_jax.model") != "clip":
                 raise ValueError(f"a converted {meta.get('zsp_jax.model', 'unknown')!r} file, not CLIP")
             return meta.get("zsp_jax.variant", "custom")
-        from zsp_jax.models.clip import convert as C
+        from zsp_jax.models.clip import convert as clip_convert
 
-        fmt = C.detect_format(path)
+        fmt = clip_convert.detect_format(path)
         if fmt == "hf":
-            config, _ = C.read_hf_directory(path)
+            config, _ = clip_convert.read_hf_directory(path)
         else:
-            sd = C.read_torch_file(path)
-            fmt = C.detect_format(path, sd)
+            sd = clip_convert.read_torch_file(path)
+            fmt = clip_convert.detect_format(path, sd)
             if fmt == "open_clip":
                 if not model_name:  # the activation is not in the file (as convert_state_dict refuses)
                     raise CheckpointError(
                         f"{path}: an open_clip state_dict does not record its activation; give its open_clip model "
                         f"name with --clip_model_name (label.clip_model_name): ViT-B-16-quickgelu for OpenAI's "
                         f"weights (QuickGELU), ViT-B-16 for open_clip's LAION / DataComp weights (GELU)")
-                sd = C.normalize_open_clip_keys(sd)
-            config = C.config_from_openai_state_dict(sd, act="gelu", source_name=path, model_name=model_name or None)
+                sd = clip_convert.normalize_open_clip_keys(sd)
+            config = clip_convert.config_from_openai_state_dict(sd, act="gelu", source_name=path,
+                                                                model_name=model_name or None)
         return config.variant_name()
     except ImportError as e:
         raise CheckpointError(f"{path}: reading a PyTorch checkpoint needs torch ({e}): 'pip install torch==2.13.0', "

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from zsp_jax.label import checkpoints, job, outputs, quality, report
+from zsp_jax.label import job, model_files, outputs, quality, report
 from zsp_jax.label.classes import load_classes
 from zsp_jax.label.labeller import Labeller
 from zsp_jax.label.options import LabelOptions
@@ -37,13 +37,17 @@ def labels_dir_of(config: ml_collections.ConfigDict) -> str:
 
 
 def work_items(config: ml_collections.ConfigDict) -> list[job.WorkItem]:
-    """The images to label: a folder (recursive, EXIF applied) or the config's data split."""
+    """The images to label: ``label.images_dir`` (a folder, recursive, EXIF applied, or one image), else the
+    training's unlabelled folder (``data.unlabeled_dir``), else the config's data split."""
     from zsp_jax.data import readers, splits
     from zsp_jax.data.pseudo_labels import find_label
 
     c = config.label
-    if c.images_dir:
-        path = os.path.abspath(os.path.expanduser(c.images_dir))
+    folder = c.images_dir
+    if not folder and c.split == "unlabeled" and "data" in config and config.data.get("unlabeled_dir"):
+        folder = config.data.unlabeled_dir  # the images the trainer will look up pseudo labels for
+    if folder:
+        path = os.path.abspath(os.path.expanduser(folder))
         examples = ([readers.Example(os.path.basename(path), path, None)] if os.path.isfile(path)
                     else readers.folder_examples(path))
         gt_dir = os.path.expanduser(c.gt_dir) if c.gt_dir else ""
@@ -61,7 +65,8 @@ def work_items(config: ml_collections.ConfigDict) -> list[job.WorkItem]:
 
 
 def resolve_dtype(name: str) -> Any:
-    """``label.dtype`` -> a jnp dtype ("auto" is float32: bfloat16's label agreement is in the README)."""
+    """``label.dtype`` -> a jnp dtype ("auto" is float32: bfloat16's label agreement is measured by
+    ``python -m zsp_jax.parity``, docs/parity.md)."""
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
@@ -164,13 +169,13 @@ def checkpoint_problems(config: ml_collections.ConfigDict) -> list[str]:
     c = config.label
     problems = []
     for what, describe, field, expected in (
-            ("SAM", lambda: checkpoints.describe_sam(c.sam_checkpoint), "label.sam_checkpoint",
+            ("SAM", lambda: model_files.describe_sam(c.sam_checkpoint), "label.sam_checkpoint",
              c.get("sam_variant", "")),
-            ("CLIP", lambda: checkpoints.describe_clip(c.clip_checkpoint, c.clip_model_name), "label.clip_checkpoint",
+            ("CLIP", lambda: model_files.describe_clip(c.clip_checkpoint, c.clip_model_name), "label.clip_checkpoint",
              c.get("clip_variant", ""))):
         try:
             found = describe()
-        except checkpoints.CheckpointError as e:
+        except model_files.CheckpointError as e:
             problems.append(f"{field}: {e}")
             continue
         if expected and found != expected:
@@ -188,9 +193,9 @@ def build_labeller(config: ml_collections.ConfigDict, options: LabelOptions, out
     c = config.label
     dtype = resolve_dtype(c.dtype)
     cache = os.path.join(out_dir, "checkpoints")
-    sam, _ = checkpoints.load_sam_checkpoint(c.sam_checkpoint, cache, dtype=dtype, allow_custom=c.sam_allow_custom,
+    sam, _ = model_files.load_sam_checkpoint(c.sam_checkpoint, cache, dtype=dtype, allow_custom=c.sam_allow_custom,
                                              attention=c.attention)
-    clip, tokenizer = checkpoints.load_clip_checkpoint(c.clip_checkpoint, cache, model_name=c.clip_model_name,
+    clip, tokenizer = model_files.load_clip_checkpoint(c.clip_checkpoint, cache, model_name=c.clip_model_name,
                                                        dtype=dtype, attention=c.attention)
     return Labeller(sam, clip, tokenizer, options, images_per_device=c.images_per_device,
                     decoder_group=c.decoder_group, mask_chunk=c.mask_chunk, text_cache_dir=cache)
