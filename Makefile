@@ -32,12 +32,14 @@ $(STAMP): requirements.lock pyproject.toml
 run: setup
 	$(PY) -m zsp_jax.main --config $(CONFIG)
 
-# --durations: the 15 slowest tests are listed at the end of each run.
+# --durations: the 15 slowest tests are listed at the end of each run. --no-loadscope-reorder keeps the
+# collection order (tests/conftest.py puts the longest files first) instead of sending the files with the most
+# tests first, which left the single-test files of several minutes to the end of one worker.
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 -m "not slow" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
