@@ -48,14 +48,15 @@ def num_devices() -> int:
 
 
 SLOW_PATHS = ("tests/e2e/", "tests/train/modes_test.py", "tests/train/relabel_test.py", "tests/train/resume_test.py",
-              "tests/train_v2/main_test.py", "tests/tools/device_check_test.py")
+              "tests/train_v2/modes_test.py", "tests/train_v2/main_test.py", "tests/tools/device_check_test.py")
 
 # The longest files first (minutes each on the 2-core CI machine), so that no worker is left with one of them
 # while the other has finished: pytest-xdist hands out files in collection order
 # (with --no-loadscope-reorder, as the Makefile runs it). tests/e2e/main_test.py builds
 # the smoke run that tests/e2e/multiprocess_test.py compares with, so the second comes after a long file of the
 # other worker's rather than waiting on the first's lock.
-LONGEST_FIRST = ("tests/e2e/main_test.py", "tests/train_v2/main_test.py", "tests/train/train_test.py",
+LONGEST_FIRST = ("tests/e2e/main_test.py", "tests/train_v2/modes_test.py", "tests/train_v2/main_test.py",
+                 "tests/train/train_test.py",
                  "tests/e2e/multiprocess_test.py", "tests/train/modes_test.py",
                  "tests/deeplab/deeplab_parity_test.py", "tests/parity/command_test.py")
 
