@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import time
 
 from zsp_jax import cli
@@ -58,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--phases", action="store_true",
-                   help="also time the forward apart from backward + optimiser (ours: one more program)")
+                   help="deeplab: also time the forward apart from backward + optimiser (ours: one more program)")
     bench.add_precision_flag(p)
     args = p.parse_args()
     v2 = args.family == "v2"
@@ -67,6 +68,10 @@ def parse_args() -> argparse.Namespace:
     args.modes = args.modes or ("unimatch_v2,zsp" if v2 else "unimatch,zsp")
     if v2 and args.size % 14:
         p.error(f"--size={args.size}: DINOv2 needs a multiple of 14")
+    if v2 and args.phases:
+        p.error("--phases: times V1's step only; leave it out with --family v2")
+    if v2 and args.backbone != "resnet101":
+        p.error(f"--backbone={args.backbone}: a V1 option; --family v2 takes --encoders")
     return args
 
 
@@ -222,7 +227,7 @@ def main_v2(args: argparse.Namespace, added: str) -> None:
         config, ref0, graphdef, params = v2_pair(encoder, args.num_classes, dtype)
         mask = np.asarray(v2_step.comp_drop_masks(jax.random.key(1), args.batch, config.embed_dim))
         batch = jax.tree.map(jnp.asarray, unimatch_v2_step.our_batch(raw, np.float32, mask))
-        torch_mask = torch.from_numpy(mask)
+        torch_mask = torch.from_numpy(mask.copy())  # np.asarray of a jax array is read-only; torch wants writable
         for mode in args.modes.split(","):
             options = v2_step.StepOptionsV2(mode=mode, conf_thresh=args.conf_thresh)
             tx, schedule = v2_state.make_optimizer_v2(v2_state.OptimizerSettingsV2(lr=lr, lr_multi=lr_multi), params,
@@ -267,6 +272,12 @@ def main_v2(args: argparse.Namespace, added: str) -> None:
             rows.append(bench.Comparison(name, ours_s, ref_s, flops, peak, 1, "step"))
             print(f"   {rows[-1].line()}; {images / ours_s:.2f} images/s"
                   + (f" (reference {images / ref_s:.2f})" if ref_s else ""))
+            # free this mode's state, program and reference before the next (both encoders' in memory at once
+            # would not fit a 24 GiB machine with DINOv2-B)
+            holder[0] = compiled = update = ref = ref_ema = opt = None
+            gc.collect()
+        ref0 = params = None
+        gc.collect()
     print("== summary")
     for r in rows:
         ratio = f"x{r.reference_s / r.ours_s:.2f}" if r.reference_s else "-"

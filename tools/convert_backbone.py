@@ -27,7 +27,6 @@ initialises the ASPP, decoder and classifier randomly and says so. ``--variant``
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from zsp_jax import cli
@@ -55,11 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from zsp_jax.models.deeplab import DeepLabConfig
-    from zsp_jax.models.deeplab.convert import (ConversionError, check_config, config_for, convert,
-                                                detect_source, read_torch_checkpoint, save_converted)
+    from zsp_jax.models.deeplab.convert import (check_config, config_for, convert, detect_source,
+                                                read_torch_checkpoint, save_converted)
 
-    t0 = time.perf_counter()
-    try:
+    def read_and_convert():
         sd = read_torch_checkpoint(args.source)
         info = detect_source(sd, source_name=args.source)
         print(f"{args.source}: {info.describe()} ({len(sd)} tensors, format {info.format})")
@@ -69,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_classes is not None:
             overrides["num_classes"] = args.num_classes  # for a full checkpoint: checked against its classifier
         elif info.contents == "backbone":
-            print("error: a backbone file: give --num-classes for the head that will be initialised randomly",
-                  file=sys.stderr)
-            return 2
+            raise ValueError("a backbone file: give --num-classes for the head that will be initialised randomly")
         config = config_for(info, **overrides)
         if args.variant is not None or args.stem is not None:
             variant = args.variant or ("xception65" if info.config["backbone"] == "xception" else "resnet101")
@@ -80,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             fields = BACKBONE_FIELDS if args.variant else ("backbone", "resnet_stem")
             check_config(info, config.replace(**{f: getattr(named, f) for f in fields}), source_name=args.source)
         weights, info = convert(sd, config, source_name=args.source)
-        save_converted(args.output, weights, config, info)
-    except (ConversionError, FileNotFoundError, ValueError) as e:  # ValueError: an invalid config
-        print(f"error: {e}", file=sys.stderr)
+        return weights, config, info
+
+    t0 = time.perf_counter()
+    converted = cli.convert_and_save(args.source, args.output, read_and_convert,
+                                     lambda converted: save_converted(args.output, *converted))
+    if converted is None:
         return 2
+    weights, config, info = converted
     print(f"wrote {args.output}: {len(weights)} tensors, {sum(w.size for w in weights.values()) / 1e6:.2f}M values, "
           f"variant {config.variant}, {config.num_classes} classes, output stride {config.output_stride}"
           f"{', multi-grid' if config.resnet_multi_grid else ''}, ASPP rates {config.aspp_rates} "

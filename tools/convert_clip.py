@@ -24,7 +24,6 @@ machines without open_clip; ``ClipTokenizer.load(that_dir)`` reads it.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
@@ -54,24 +53,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from zsp_jax.models.clip import convert as clip_convert
     from zsp_jax.models.clip.tokenizer import ClipTokenizer, _is_hf_tokenizer_dir
-    from zsp_jax.utils.io import output_path_problem
-    from zsp_jax.utils.weights import ConversionError
 
-    if problem := output_path_problem(args.source, args.out):
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
-    try:
-        converted = clip_convert.convert_checkpoint(args.source, fmt=args.format, act=args.act,
-                                                    model_name=args.model_name,
-                                                    vision_head_width=args.vision_head_width)
-    except (FileNotFoundError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        clip_convert.save_clip(args.out, converted)
-    except OSError as e:
-        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
+    converted = cli.convert_and_save(
+        args.source, args.out,
+        lambda: clip_convert.convert_checkpoint(args.source, fmt=args.format, act=args.act, model_name=args.model_name,
+                                                vision_head_width=args.vision_head_width),
+        lambda converted: clip_convert.save_clip(args.out, converted))
+    if converted is None:
         return 2
     n = sum(int(np.prod(v.shape)) for v in converted.weights.values())
     cfg = converted.config

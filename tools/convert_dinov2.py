@@ -28,7 +28,6 @@ directory, unwritable output), with one ``error:`` message on stderr.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from zsp_jax import cli
@@ -54,25 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from zsp_jax.models.dinov2 import convert as dinov2_convert
-    from zsp_jax.utils.io import output_path_problem
-    from zsp_jax.utils.weights import ConversionError
 
-    if problem := output_path_problem(args.source, args.out):
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
-    try:
-        converted = dinov2_convert.convert_checkpoint(args.source, variant=args.variant, entry=args.entry,
-                                                      allow_custom=args.allow_custom, num_heads=args.num_heads,
-                                                      interpolate_offset=args.interpolate_offset,
-                                                      interpolate_antialias=args.interpolate_antialias)
-    except (FileNotFoundError, ConversionError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        dinov2_convert.save_dinov2(args.out, converted)
-    except OSError as e:
-        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
+    converted = cli.convert_and_save(
+        args.source, args.out,
+        lambda: dinov2_convert.convert_checkpoint(args.source, variant=args.variant, entry=args.entry,
+                                                  allow_custom=args.allow_custom, num_heads=args.num_heads,
+                                                  interpolate_offset=args.interpolate_offset,
+                                                  interpolate_antialias=args.interpolate_antialias),
+        lambda converted: dinov2_convert.save_dinov2(args.out, converted))
+    if converted is None:
         return 2
     cfg = converted.config
     n = sum(int(v.size) for v in converted.weights.values())

@@ -17,7 +17,6 @@ unusable path (missing source, output that is a directory or the source itself, 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from zsp_jax import cli
@@ -36,22 +35,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from zsp_jax.models.sam import convert as sam_convert
     from zsp_jax.utils.bench import peak_rss_bytes
-    from zsp_jax.utils.io import output_path_problem
-    from zsp_jax.utils.weights import ConversionError
+    from zsp_jax.utils.weights import save_weights
 
-    if problem := output_path_problem(args.source, args.out):
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
-    try:
-        config = sam_convert.convert_checkpoint(args.source, args.out, variant=args.variant,
-                                                allow_custom=args.allow_custom)
-    except (FileNotFoundError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    converted = cli.convert_and_save(
+        args.source, args.out,
+        lambda: sam_convert.read_checkpoint(args.source, variant=args.variant, allow_custom=args.allow_custom),
+        lambda converted: save_weights(args.out, converted[0], sam_convert.metadata(converted[1], args.source)))
+    if converted is None:
         return 2
-    except OSError as e:  # reading is wrapped in ConversionError above, so this is the output side
-        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
-        return 2
+    config = converted[1]
+    del converted  # the weights: the peak RSS below is the conversion's
     peak = peak_rss_bytes() / 2**30
     print(f"{args.source} -> {args.out}: {config.name} (encoder {config.encoder_dim} x {config.encoder_depth}, "
           f"global attention at {list(config.global_attn_indexes)}, {config.image_size}px) "

@@ -13,10 +13,11 @@ as ``failed: <one line>`` and the rest goes on):
   ViT-B/16 GEM at 448 (``--tiny``: the smoke run's tiny SAM and CLIP), 32x32 points (``--tiny``: 8x8), in fp32
   and bf16 (``label.dtype``), the throughput sizes left at "auto": the sizes the labeller chose, its memory
   estimate, compile time, images/s of the device program and the masks kept. The weights are random
-  (``random_model``); the labels use ``random_weight_label_config()``'s filters (no IoU /
-  stability filter, no NMS), under which random weights keep up to ``max_masks`` segments: the time is that of
-  a real-size workload, the labels mean nothing. Two distinct photos (480x640) are labelled, cycled to fill
-  every call of the chosen batch size (a call of 8 images with 2 real ones would time 8 images' work).
+  (``zsp_jax.utils.weights.build_with_random_weights``); the labels use ``random_weight_label_config()``'s
+  filters (no IoU / stability filter, no NMS), under which random weights keep up to ``max_masks`` segments:
+  the time is that of a real-size workload, the labels mean nothing. Two distinct photos (480x640) are
+  labelled, cycled to fill every call of the chosen batch size (a call of 8 images with 2 real ones would time
+  8 images' work).
 * train: the trainer's UniMatch (V1) step (``zsp_jax.train.step.make_train_step``: on-device strong views
   and CutMix, the step, SGD) for DeepLabV3+ R101 at crops 321 and 513 (``--tiny``: the tiny ResNet at 65),
   2 labelled + 2 unlabelled images (UniMatch's per GPU), in fp32 and bf16 compute (``model.dtype``; parameters
@@ -267,33 +268,6 @@ def matmul_section(report: Report, plan: Plan, device: Any) -> None:
         report.attempt("matmul", f"{dtype}, precision {precision}", measure)
 
 
-def random_model(ctor: Callable[[], Any], seed: int = 0) -> Any:
-    """``ctor()`` (an NNX model) with random float32 weights drawn by numpy: arrays of 2 or more axes from
-    N(0, 1 / fan_in) (fan_in: the product of all but the last axis), 1-axis ``scale``s from 1 + N(0, 0.1^2), other
-    vectors and scalars from N(0, 0.02^2).
-
-    Not the models' own initialisers: run as JAX programs, those cost XLA:CPU half a minute of compilation for
-    the tiny SAM and CLIP (eagerly: a program per parameter shape; jitted: one large program), numpy a few
-    seconds. Any finite weights of sensible scale serve here: the check times programs, whose cost does not
-    depend on the values (the label filters are off, see ``label_options``)."""
-    import numpy as np
-    from flax import nnx
-
-    from zsp_jax.utils import weights
-
-    rng = np.random.default_rng(seed)
-    drawn = {}
-    for key, shape in weights.flat_shapes(nnx.eval_shape(ctor)).items():
-        noise = rng.standard_normal(shape.shape, dtype=np.float32)
-        if len(shape.shape) >= 2:
-            drawn[key] = noise / np.float32(np.sqrt(np.prod(shape.shape[:-1])))
-        elif key.endswith("scale"):
-            drawn[key] = 1 + np.float32(0.1) * noise
-        else:
-            drawn[key] = np.float32(0.02) * noise
-    return weights.build_with_weights(ctor, drawn, source_name="random weights")
-
-
 def label_models(variant: str, clip_config: Any, fp32: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
     """(SAM, CLIP) of ``variant``: float32 with random weights, or with ``fp32`` given, bfloat16 copies of its
     models as the label stage builds them for ``label.dtype=bfloat16`` (compute and weights in bfloat16)."""
@@ -307,8 +281,8 @@ def label_models(variant: str, clip_config: Any, fp32: tuple[Any, Any] | None = 
 
     sam_config = SamConfig.tiny(image_size=256) if variant == "tiny" else SamConfig.from_name(variant)
     if fp32 is None:
-        return (random_model(lambda: Sam(sam_config, rngs=nnx.Rngs(0))),
-                random_model(lambda: ClipModel(clip_config, seed=0), seed=1))
+        return (weights.build_with_random_weights(lambda: Sam(sam_config, rngs=nnx.Rngs(0))),
+                weights.build_with_random_weights(lambda: ClipModel(clip_config, seed=0), seed=1))
     sam32, clip32 = fp32
     sam = weights.build_with_weights(
         lambda: Sam(sam_config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),

@@ -302,6 +302,30 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message} (see --help)")
 
 
+def convert_and_save(source: str, out: str, convert: Callable[[], Any], save: Callable[[Any], None]) -> Any:
+    """What every ``tools/convert_*.py`` does around its own conversion: refuse an output path that is the source
+    or a directory, ``convert()``, ``save(converted)``. Returns what ``convert`` gave, or None after printing one
+    ``error:`` line (a missing or unreadable source, an invalid config or option, a failed write naming ``out``),
+    for the tool to return exit code 2."""
+    from zsp_jax.utils.io import output_path_problem
+    from zsp_jax.utils.weights import ConversionError
+
+    def error(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+    if problem := output_path_problem(source, out):
+        return error(problem)
+    try:
+        converted = convert()
+    except (FileNotFoundError, ConversionError, ValueError) as e:  # ValueError: an invalid config or option
+        return error(str(e))
+    try:
+        save(converted)
+    except OSError as e:
+        return error(f"cannot write {out}: {e}")
+    return converted
+
+
 def run_tool(main: Callable[..., Any], argv: Sequence[str] | None = None) -> NoReturn:
     """``if __name__ == "__main__": cli.run_tool(main)`` for ``tools/*.py``: the tool's return value is the exit
     code (None = 0); an exception becomes ``error:`` lines (``report``); ``ZSP_JAX_TRACEBACK=1`` shows it."""

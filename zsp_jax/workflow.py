@@ -173,8 +173,10 @@ def run(config: ml_collections.ConfigDict, *, log: Any = print) -> dict[str, Any
     if problems:
         raise preflight.InputProblems(problems)
     if "label" in config and not config.label.compile_cache_dir:
+        from zsp_jax.label.labelling import compile_cache_path
+
         with config.unlocked():  # one persistent compilation cache for every stage of the run
-            config.label.compile_cache_dir = os.path.join(workdir, "jax_cache")
+            config.label.compile_cache_dir = compile_cache_path("", os.path.join(workdir, "jax_cache"))
     summary: dict[str, Any] = {"workdir": workdir, "stages": stages, "processes": jax.process_count()}
     if "data" in stages:
         from zsp_jax.data import preview

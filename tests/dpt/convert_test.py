@@ -107,6 +107,31 @@ def test_saved_file_loads_without_torch(v2_checkpoint, tmp_path):
     assert relative_error(np.load(tmp_path / "y.npy"), expected) <= FP32_TOL
 
 
+def test_command_line_tool_writes_the_whole_segmenter(v2_checkpoint, tmp_path, capsys):
+    """tools/convert_unimatch_v2.py: the entry asked for, the same logits after loading; a mistake is one
+    ``error:`` line and exit code 2, nothing written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_unimatch_v2", os.path.join(ROOT, "tools",
+                                                                                      "convert_unimatch_v2.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    path, student, _ = v2_checkpoint
+    out = tmp_path / "student.safetensors"
+    assert tool.main([path, str(out), "--entry", "model", "--allow-custom"]) == 0
+    assert "[model]" in capsys.readouterr().out
+    x = random_images(1, 98, 126, seed=7)
+    assert relative_error(_logits(cv.load_model(str(out)), x), _ref_logits(student, x)) <= FP32_TOL
+    for argv, culprit in (([path, str(tmp_path / "a.safetensors")], "--allow-custom"),  # a tiny encoder: no name
+                          ([path, path, "--allow-custom"], "is the source checkpoint"),
+                          ([str(tmp_path / "missing.pth"), str(tmp_path / "b.safetensors")], "missing.pth")):
+        assert tool.main(argv) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and culprit in err, err  # one error line (details may follow it)
+    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
+
+
 def test_config_read_from_tensors(v2_checkpoint):
     """Without a config: the head from its shapes, the encoder from the DINOv2 converter (a tiny
     encoder is no named variant: refused unless allow_custom)."""

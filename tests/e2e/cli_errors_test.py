@@ -109,6 +109,10 @@ CASES = [
     ("tool bad argument", lambda f: [sys.executable, "tools/convert_sam.py"], "convert_sam.py"),
     ("tool missing file", lambda f: [sys.executable, "tools/convert_sam.py", "/nonexistent.pth",
                                      f"{f['base']}/x.safetensors"], "/nonexistent.pth"),
+    ("tool output is its source", lambda f: [sys.executable, "tools/convert_backbone.py", f"{f['base']}/random.pth",
+                                             f"{f['base']}/random.pth"], "random.pth"),
+    ("tool foreign file", lambda f: [sys.executable, "tools/convert_dinov2.py", f"{f['base']}/random.pth",
+                                     f"{f['base']}/x.safetensors"], "random.pth"),
 ]
 
 

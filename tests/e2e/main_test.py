@@ -1,11 +1,15 @@
-"""The main job end to end: the README's run command on the smoke config, its rerun, configs/voc.py on a
-generated VOC-layout dataset with random checkpoints in the PyTorch formats, and the input checks."""
+"""The main job end to end: the README's run command on the smoke config, its rerun, its training killed with
+SIGKILL and rerun (the smoke run's state bit for bit), configs/voc.py on a generated VOC-layout dataset with
+random checkpoints in the PyTorch formats, and the input checks."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 from .conftest import ROOT, run_main as _main
@@ -36,6 +40,50 @@ def test_smoke_rerun_skips_finished_work(smoke):
     assert label["labelled"] == 0 and label["done_before"] == 18
     assert "train step compiled" not in r.stdout  # a finished run is not trained again
     assert after["best_miou"] == before["best_miou"] and after["eval"] == before["eval"]
+
+
+def _final_state(workdir) -> dict:
+    import jax
+
+    from zsp_jax.train.checkpointing import read_state_arrays
+
+    with open(os.path.join(workdir, "train_summary.json")) as f:
+        latest = json.load(f)["latest_checkpoint"]
+    tree = read_state_arrays(latest)
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_sigkill_mid_training_then_rerun_ends_with_the_smoke_runs_state(smoke):
+    """The smoke run's training again in another work directory (its data and pseudo labels, the same 2 devices),
+    killed with SIGKILL after a checkpoint past step 4 and rerun: the smoke run's final parameters, BatchNorm
+    statistics, optimiser state and step, bit for bit; the metrics log holds each step once."""
+    cwd, _ = smoke
+    killed = cwd / "runs" / "killed"
+    ckpts = killed / "checkpoints"
+    args = [sys.executable, "-m", "zsp_jax.main", "--config.stages=train", f"--config.workdir={killed}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    p = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    # Kill once a checkpoint past step 4 is complete (Orbax renames a finished one to its step number).
+    while time.time() < deadline and p.poll() is None:
+        if ckpts.is_dir() and any(d.isdigit() and int(d) >= 4 for d in os.listdir(ckpts)):
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, "the run finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL and not (killed / "train_summary.json").exists()
+    total = json.loads((cwd / "runs" / "smoke" / "train_summary.json").read_text())["steps"]
+    assert 4 <= max(int(d) for d in os.listdir(ckpts) if d.isdigit()) < total
+    r = _main(cwd, "--config.stages=train", f"--config.workdir={killed}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming at step" in r.stdout + r.stderr
+    a, b = _final_state(cwd / "runs" / "smoke"), _final_state(killed)
+    assert a.keys() == b.keys() and len(a) > 50 and any("opt_state" in k for k in a)
+    for k in a:
+        np.testing.assert_array_equal(b[k], a[k], err_msg=k)  # bit-exact on CPU
+    steps = [json.loads(line)["step"] for line in (killed / "train_metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == total
 
 
 def test_input_problems_are_reported_together(tmp_path):

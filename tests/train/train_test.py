@@ -1,23 +1,17 @@
 """The training loop on generated data: steps sharded over 8 devices (parameters replicated or split
-FSDP-style) equal them on 1; a run killed with SIGKILL and rerun ends with the parameters of an
-uninterrupted run; a diverging run stops, names the step and the loss term, and leaves only finite
-checkpoints."""
+FSDP-style) equal them on 1; a diverging run stops, names the step and the loss term, and leaves only finite
+checkpoints. (A run killed with SIGKILL and rerun: tests/e2e/main_test.py, against the shared smoke run.)"""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .conftest import REPO, smoke_config
+from .conftest import smoke_config
 from zsp_jax.data import readers, splits, synthetic
 from zsp_jax.data import inputs as data_inputs
 from zsp_jax.train import checkpointing, loop, setup
@@ -133,63 +127,6 @@ def test_each_step_on_several_devices_equals_one_device_to_float32_rounding(task
             for a, nud, b in zip(leaves1, leavesn, leaves8):
                 rounding = np.max(np.abs(nud - a)) + 2e-7 * np.max(np.abs(a))
                 assert np.max(np.abs(b - a)) <= 4 * rounding, (name, np.max(np.abs(b - a)), rounding)
-
-
-def _main_cmd(data, workdir):
-    """The smoke config (its generated dataset in ``data``, written by the first run), training only."""
-    return [sys.executable, "-m", "zsp_jax.main", "--config", "configs/smoke.py:source=folder,workers=0,mode=unimatch",
-            "--config.stages=train", f"--config.workdir={workdir}", f"--config.data.root={data}/VOC2012",
-            f"--config.data.splits_dir={data}/splits", "--config.synthetic.checkpoints=", "--config.train.crop_size=64",
-            "--config.train.epochs=8", "--config.train.num_devices=1", "--config.checkpoint.every_steps=2",
-            "--config.eval.every_epochs=0", "--config.eval.at_end=False", "--config.train.matmul_precision=highest"]
-
-
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    return env
-
-
-def _final_params(workdir) -> dict[str, np.ndarray]:
-    with open(os.path.join(workdir, "train_summary.json")) as f:
-        latest = json.load(f)["latest_checkpoint"]
-    tree = checkpointing.read_state_arrays(latest)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def test_sigkill_mid_training_then_rerun_ends_with_the_uninterrupted_parameters(tmp_path):
-    data, whole = tmp_path / "data", tmp_path / "whole"
-    r = subprocess.run(_main_cmd(data, whole), cwd=REPO, env=_env(), capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    killed = tmp_path / "killed"
-    ckpts = killed / "checkpoints"
-    p = subprocess.Popen(_main_cmd(data, killed), cwd=REPO, env=_env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    # Kill once a checkpoint past step 2 is complete (Orbax renames a finished one to its step number).
-    while time.time() < deadline and p.poll() is None:
-        if ckpts.is_dir() and any(d.isdigit() and int(d) >= 4 for d in os.listdir(ckpts)):
-            break
-        time.sleep(0.02)
-    assert p.poll() is None, "the run finished before it could be killed"
-    p.send_signal(signal.SIGKILL)
-    p.communicate()
-    assert p.returncode == -signal.SIGKILL and not (killed / "train_summary.json").exists()
-    steps_at_kill = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
-    total = json.loads((whole / "train_summary.json").read_text())["steps"]
-    assert 4 <= max(steps_at_kill) < total
-    r = subprocess.run(_main_cmd(data, killed), cwd=REPO, env=_env(), capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming at step" in r.stdout + r.stderr
-    a, b = _final_params(whole), _final_params(killed)
-    assert a.keys() == b.keys() and len(a) > 50
-    for k in a:
-        np.testing.assert_array_equal(b[k], a[k], err_msg=k)  # bit-exact on CPU
-    # The resumed run's log holds each step once.
-    steps = [json.loads(line)["step"] for line in (killed / "train_metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == total
 
 
 def test_divergence_stops_naming_the_step_and_term_and_keeps_finite_checkpoints(task, tmp_path):

@@ -161,3 +161,58 @@ def test_unwrap_state_dict():
     assert list(weights.unwrap_state_dict({"state_dict": {"model": sd}}, path="p")) == ["backbone.w"]
     with pytest.raises(weights.ConversionError, match="ckpt.pth: does not contain a state_dict"):
         weights.unwrap_state_dict({"epoch": 3}, path="ckpt.pth")
+
+
+def test_read_stored_config_checks_the_model_and_reads_no_tensor(tmp_path):
+    from zsp_jax.models.dpt import DptConfig
+
+    config = DptConfig.tiny(num_classes=3)
+    path = tmp_path / "w.safetensors"
+    weights.save_weights(path, {"a": np.zeros(2, np.float32)},
+                         {weights.MODEL_KEY: "unimatch_v2", weights.CONFIG_KEY: config.to_json()})
+    assert weights.read_metadata(path)[weights.MODEL_KEY] == "unimatch_v2"
+    assert weights.read_stored_config(path, "unimatch_v2", DptConfig) == config
+    with pytest.raises(weights.ConversionError, match="zsp_jax.model is 'unimatch_v2', expected 'dinov2'"):
+        weights.read_stored_config(path, "dinov2", DptConfig)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello")
+    with pytest.raises(weights.ConversionError, match="notes.safetensors: not a readable safetensors file"):
+        weights.read_stored_config(text, "dinov2", DptConfig)
+
+
+def test_read_hf_state_dict_reads_shards_lazily_and_names_what_is_missing(tmp_path):
+    import json
+
+    from safetensors.numpy import save_file
+
+    with pytest.raises(FileNotFoundError, match="a transformers Dinov2Model directory holds config.json"):
+        weights.read_hf_state_dict(str(tmp_path), "Dinov2Model")
+    parts = {"model-1.safetensors": {"a": np.arange(3, dtype=np.float32)},
+             "model-2.safetensors": {"b": np.ones((2, 2), np.float32)}}
+    for name, tensors in parts.items():
+        save_file(tensors, str(tmp_path / name))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {key: name for name, tensors in parts.items() for key in tensors}}))
+    state_dict = weights.read_hf_state_dict(str(tmp_path), "Dinov2Model")
+    assert isinstance(state_dict, weights.SafetensorsDict) and sorted(state_dict) == ["a", "b"]
+    np.testing.assert_array_equal(state_dict["a"], parts["model-1.safetensors"]["a"])
+    np.testing.assert_array_equal(state_dict["b"], parts["model-2.safetensors"]["b"])
+    torch.save({"c": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors.index.json").unlink()
+    for name in parts:
+        (tmp_path / name).unlink()
+    assert list(weights.read_hf_state_dict(str(tmp_path), "CLIPModel")) == ["c"]
+
+
+def test_build_with_random_weights_draws_every_weight_from_the_seed():
+    first = weights.flat_weights(weights.build_with_random_weights(lambda: Tiny(nnx.Rngs(0)), seed=3))
+    again = weights.flat_weights(weights.build_with_random_weights(lambda: Tiny(nnx.Rngs(0)), seed=3))
+    other = weights.flat_weights(weights.build_with_random_weights(lambda: Tiny(nnx.Rngs(0)), seed=4))
+    assert first.keys() == again.keys() == other.keys() and "layers.0.kernel" in first
+    for key in first:
+        np.testing.assert_array_equal(first[key], again[key])
+        assert not np.array_equal(first[key], other[key]), key
+        assert np.all(np.isfinite(first[key])) and np.all(first[key] != 0), key  # drawn, not initialised to 0/1
+    kernel = first["layers.0.kernel"]  # (3, 4): N(0, 1/3)
+    assert kernel.shape == (3, 4) and np.max(np.abs(kernel)) < 5 / np.sqrt(3)
+    assert np.all(np.abs(first["norm.scale"] - 1) < 0.5) and np.all(first["norm.var"] >= 1)  # variances positive

@@ -70,6 +70,13 @@ def resolve_dtype(name: str) -> Any:
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
+def compile_cache_path(configured: str, fallback: str) -> str:
+    """Where the persistent compilation cache lives: ``configured`` (``label.compile_cache_dir``), else JAX's own
+    directory where one is set (``JAX_COMPILATION_CACHE_DIR``: shared with the user's other JAX programs), else
+    ``fallback``."""
+    return os.path.expanduser(configured) or jax.config.jax_compilation_cache_dir or fallback
+
+
 def enable_compilation_cache(path: str) -> None:
     """JAX's persistent compilation cache in ``path`` (every program, however quick to compile)."""
     os.makedirs(path, exist_ok=True)
@@ -226,7 +233,7 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, log: Any = 
         raise ValueError("nothing to label: " + (f"no images under {c.images_dir}" if c.images_dir
                                                  else f"the {c.split} part of split {config.data.split} is empty"))
     if c.compile_cache:
-        enable_compilation_cache(os.path.expanduser(c.compile_cache_dir) or os.path.join(out_dir, ".jax_cache"))
+        enable_compilation_cache(compile_cache_path(c.compile_cache_dir, os.path.join(out_dir, ".jax_cache")))
     labeller = build_labeller(config, options, out_dir)
     settings = settings_of(config, options, labeller)
     if pid == 0:

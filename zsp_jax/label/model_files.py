@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 from zsp_jax.utils import io
+from zsp_jax.utils.weights import read_metadata
 
 SAM_HELP = ("download a segment-anything checkpoint, e.g. https://dl.fbaipublicfiles.com/segment_anything/"
             "sam_vit_h_4b8939.pth (ViT-H, the default) or .../sam_vit_b_01ec64.pth (ViT-B), and pass it as "
@@ -164,20 +165,13 @@ def load_clip_checkpoint(path: str, cache_dir: str, *, model_name: str = "", dty
     return model, tokenizer
 
 
-def _safetensors_metadata(path: str) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="numpy") as f:
-        return dict(f.metadata() or {})
-
-
 def describe_sam(path: str) -> str:
     """The SAM variant a checkpoint holds (``vit_h``, ``vit_b``, ``custom``, ...), read from metadata or
     tensor shapes only; raises ``CheckpointError`` saying what is wrong and what to download."""
     path = _check_exists(path, "SAM", SAM_HELP)
     try:
         if path.endswith(".safetensors"):
-            meta = _safetensors_metadata(path)
+            meta = read_metadata(path)
             if meta.get("zsp_jax.model") != "sam":
                 raise ValueError(f"a converted {meta.get('zsp_jax.model', 'unknown')!r} file, not SAM")
             return meta.get("zsp_jax.variant", "custom")
@@ -199,7 +193,7 @@ def describe_clip(path: str, model_name: str = "") -> str:
     path = _check_exists(path, "CLIP", CLIP_HELP)
     try:
         if path.endswith(".safetensors"):
-            meta = _safetensors_metadata(path)
+            meta = read_metadata(path)
             if meta.get("zsp_jax.model") != "clip":
                 raise ValueError(f"a converted {meta.get('zsp_jax.model', 'unknown')!r} file, not CLIP")
             return meta.get("zsp_jax.variant", "custom")

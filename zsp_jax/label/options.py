@@ -135,7 +135,8 @@ LABEL = (
     Setting("write_threads", 4, "host threads writing outputs"),
     Setting("prefetch", 2, "batches prepared ahead of the device"),
     Setting("compile_cache", True, "JAX's persistent compilation cache: reruns do not recompile"),
-    Setting("compile_cache_dir", "", "where it lives; \"\" = <out>/.jax_cache"),
+    Setting("compile_cache_dir", "", "where it lives; \"\" = JAX's own (JAX_COMPILATION_CACHE_DIR) if set, else "
+                                     "<out>/.jax_cache"),
 )
 
 

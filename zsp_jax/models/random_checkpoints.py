@@ -33,11 +33,14 @@ def tiny_checkpoints(directory: str, *, seed: int = 0, sam_image_size: int = 256
     os.makedirs(directory, exist_ok=True)
     sam_path = os.path.join(directory, "sam_tiny.safetensors")
     clip_path = os.path.join(directory, "clip_tiny.safetensors")
+    # numpy-drawn weights (build_with_random_weights): the models' own initialisers would compile for half a
+    # minute on a CPU, on every first start of the smoke run.
     if not os.path.exists(sam_path):
-        sam = Sam(SamConfig.tiny(image_size=sam_image_size), rngs=nnx.Rngs(seed))
+        sam = weights.build_with_random_weights(lambda: Sam(SamConfig.tiny(image_size=sam_image_size),
+                                                            rngs=nnx.Rngs(seed)), seed)
         weights.save_weights(sam_path, weights.flat_weights(sam), metadata(sam.config, "random"))
     if not os.path.exists(clip_path):
-        clip = ClipModel(ClipConfig.tiny(), seed=seed)
+        clip = weights.build_with_random_weights(lambda: ClipModel(ClipConfig.tiny(), seed=seed), seed + 1)
         save_clip(clip_path, ConvertedClip(clip.config, weights.flat_weights(clip), "open_clip", "random"))
     return sam_path, clip_path
 

@@ -127,7 +127,9 @@ def load_v2_file(config: ml_collections.ConfigDict, path: str, weights: str) -> 
         model = converted.build(dtype=dtype)
         entry = converted.entry or "state_dict"
         if weights == "ema" and entry != "model_ema":
-            say(f"{path} has no model_ema entry (a supervised.py checkpoint): evaluating its model")
+            what = ("its model entry (as V2's supervised.py saves)" if entry == "model"
+                    else "its weights (a bare state_dict, no model_ema entry)")
+            say(f"{path} has no EMA teacher: evaluating {what}")
     _, params, stats = state_lib.split_model(model)
     return params, stats, f"{path} ({entry}, {want.variant})"
 

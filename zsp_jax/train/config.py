@@ -56,7 +56,8 @@ TRAIN = (
     Setting("fsdp", 1, "devices per parameter shard (1: parameters replicated)"),
     Setting("num_devices", 0, "devices to use, the first N of each process (0: all)"),
     Setting("matmul_precision", "default", "default | high | highest (fp32 parity needs highest)"),
-    Setting("compilation_cache", True, "persistent XLA cache in <workdir>/jax_cache (fast resumes)"),
+    Setting("compilation_cache", True, "persistent XLA cache in <workdir>/jax_cache, or JAX's own if set "
+                                       "(fast resumes)"),
     Setting("log_every", 20, "steps between metric fetches (progress bar, logs, the non-finite check)"),
 )
 MODEL = (

@@ -302,21 +302,13 @@ def pretrained_problem_v2(path: str, dpt_config: DptConfig) -> str | None:
     """Why ``model.pretrained`` cannot initialise ``dpt_config``'s encoder (None if it can), read from shapes and
     metadata only (nothing is converted): for the start-up input checks."""
     from zsp_jax.models.dinov2 import convert as dinov2_convert
-    from zsp_jax.models.dinov2.config import Dinov2Config
 
     path = os.path.expanduser(path)
     if not os.path.exists(path):
         return "no such file or directory"
     try:
         if path.endswith(".safetensors") and os.path.isfile(path):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="numpy") as f:
-                meta = dict(f.metadata() or {})
-            if meta.get("zsp_jax.model") != dinov2_convert.MODEL_NAME:
-                return (f"not a converted DINOv2 file (zsp_jax.model {meta.get('zsp_jax.model')!r}, expected "
-                        f"{dinov2_convert.MODEL_NAME!r})")
-            found = Dinov2Config.from_json(meta["zsp_jax.config"])
+            found = dinov2_convert.read_dinov2_config(path)
         else:
             sd, fmt, _, heads = dinov2_convert.read_checkpoint(path)
             src = "backbone." if fmt == "unimatch_v2" else ""

@@ -76,19 +76,17 @@ def compiled_flops(jitted: Any, *args: Any, **kwargs: Any) -> float | None:
 
 
 def memory_summary(compiled: Any) -> str:
-    """XLA's memory estimate of a compiled program, per device (maxtext's print): total = arguments +
-    outputs + temporaries - donated (aliased) buffers."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
+    """XLA's memory estimate of a compiled program, per device, with its parts (maxtext's print): the total of
+    ``zsp_jax.utils.memory.estimated_bytes`` (arguments + outputs + temporaries - donated buffers)."""
+    from zsp_jax.utils.memory import GIB, estimated_bytes
+
+    total = estimated_bytes(compiled)
+    if total is None:
         return "memory estimate unavailable"
-    if m is None:
-        return "memory estimate unavailable"
-    gib = 1024**3
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return (f"{total / gib:.2f} GiB per device (arguments {m.argument_size_in_bytes / gib:.2f}, outputs "
-            f"{m.output_size_in_bytes / gib:.2f}, temporaries {m.temp_size_in_bytes / gib:.2f}, donated "
-            f"{m.alias_size_in_bytes / gib:.2f})")
+    parts = compiled.memory_analysis()
+    return (f"{total / GIB:.2f} GiB per device (arguments {parts.argument_size_in_bytes / GIB:.2f}, outputs "
+            f"{parts.output_size_in_bytes / GIB:.2f}, temporaries {parts.temp_size_in_bytes / GIB:.2f}, donated "
+            f"{parts.alias_size_in_bytes / GIB:.2f})")
 
 
 def matmul_rate(dtype: Any = jnp.float32, n: int = 2048, device: Any = None) -> float:

@@ -59,7 +59,7 @@ class MemoryBudget:
 
 def estimated_bytes(compiled: Any) -> int | None:
     """XLA's per-device memory estimate of a compiled program: arguments + outputs + temporaries - donated
-    buffers (as ``zsp_jax.utils.bench.memory_summary``); None where the backend gives none."""
+    buffers (``zsp_jax.utils.bench.memory_summary`` prints it with its parts); None where the backend gives none."""
     try:
         m = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - not every backend implements it

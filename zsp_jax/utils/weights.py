@@ -1,6 +1,6 @@
 """Weight conversion from PyTorch state_dicts to Flax NNX models, and the converted file format.
 
-Every converter in zsp_jax (SAM, CLIP, DeepLab backbones) is a table of ``Rule``s applied by
+Every converter in zsp_jax (SAM, CLIP, DINOv2, UniMatch V2's DPT head, DeepLab) is a table of ``Rule``s applied by
 ``convert_state_dict``, which enforces three guards taken from the Flax NNX ViT conversion
 example and bonsai's ``params.py``:
 
@@ -17,14 +17,20 @@ We chose safetensors over Orbax for weights because the file is a single self-de
 that loads with numpy alone (no torch, no TensorStore), can be memory-mapped, and is what
 users already exchange; Orbax is used for training checkpoints, which need sharding and
 iterator state.
+
+The readers every family shares live here too: PyTorch files (``load_torch_checkpoint``,
+``unwrap_state_dict``), transformers directories (``read_hf_state_dict``, lazily through
+``SafetensorsDict``), converted files (``load_weights``, ``read_metadata``, ``read_stored_config``), and
+``build_with_random_weights`` for models whose values do not matter (random checkpoints, device checks).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,6 +44,8 @@ Array = np.ndarray
 Transform = Callable[[Array], Array | tuple[Array, ...]]
 
 FORMAT_KEY = "zsp_jax.format"
+MODEL_KEY = "zsp_jax.model"    # which model family a converted file holds ("sam", "clip", "dinov2", ...)
+CONFIG_KEY = "zsp_jax.config"  # its config as JSON
 FORMAT_VERSION = "1"
 _MAX_LISTED = 12
 
@@ -304,6 +312,81 @@ def _is_tensor_dict(d: Mapping) -> bool:
     return len(d) > 0 and all(hasattr(v, "shape") for v in d.values())
 
 
+class SafetensorsDict(Mapping):
+    """A lazy ``{key: array}`` view over one or more safetensors files (tensors read on access).
+
+    Tensors are read with numpy; bfloat16 ones (numpy has no such dtype) through torch.
+    """
+
+    def __init__(self, files: Sequence[str]):
+        from safetensors import safe_open
+
+        self._where: dict[str, str] = {}
+        self._handles: dict[tuple[str, str], Any] = {}
+        for file in files:
+            try:
+                handle = safe_open(file, framework="np")
+                keys = list(handle.keys())
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+                raise ConversionError(f"{file}: not a readable safetensors file (truncated?): {e}") from e
+            self._handles[(file, "np")] = handle
+            for key in keys:
+                self._where[key] = file
+
+    def _handle(self, file: str, framework: str) -> Any:
+        if (file, framework) not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[(file, framework)] = safe_open(file, framework=framework)
+        return self._handles[(file, framework)]
+
+    def __getitem__(self, key: str) -> Any:
+        file = self._where[key]
+        try:
+            return self._handle(file, "np").get_tensor(key)
+        except Exception as np_error:  # noqa: BLE001
+            try:
+                return self._handle(file, "pt").get_tensor(key)
+            except Exception:  # noqa: BLE001
+                raise ConversionError(f"{file}: tensor {key} cannot be read (truncated file?): {np_error}") \
+                    from np_error
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def read_hf_state_dict(directory: str, model_class: str) -> Mapping[str, Any]:
+    """The state_dict of a transformers model directory (``model.safetensors``, ``pytorch_model.bin`` or their
+    sharded ``.index.json`` forms); safetensors tensors are read lazily. ``model_class`` (e.g. ``"CLIPModel"``)
+    names what the directory should hold in the error for a directory without weights."""
+    files, kind = None, None
+    for index, index_kind in (("model.safetensors.index.json", "safetensors"),
+                              ("pytorch_model.bin.index.json", "bin")):
+        index_path = os.path.join(directory, index)
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            files, kind = [os.path.join(directory, shard) for shard in shards], index_kind
+            break
+    else:
+        for name, file_kind in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin")):
+            if os.path.exists(os.path.join(directory, name)):
+                files, kind = [os.path.join(directory, name)], file_kind
+                break
+    if files is None:
+        raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin (a transformers "
+                                f"{model_class} directory holds config.json and one of these)")
+    if kind == "safetensors":
+        return SafetensorsDict(files)
+    state_dict: dict[str, Any] = {}
+    for file in files:
+        state_dict.update(unwrap_state_dict(load_torch_checkpoint(file), path=file))
+    return state_dict
+
+
 # ----------------------------------------------------------------------------- converted files
 
 
@@ -321,6 +404,27 @@ def save_weights(path: str | os.PathLike, weights: Mapping[str, Array], metadata
                 code = int(found.group(1))
                 raise OSError(code, os.strerror(code), os.fspath(path)) from e
             raise
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file, without reading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise ConversionError(f"{path}: not a readable safetensors file: {e}") from None
+
+
+def read_stored_config(path: str | os.PathLike, model_name: str, config_type: Any) -> Any:
+    """The model config a converted file stores (``config_type.from_json`` of its ``zsp_jax.config``), after
+    checking that its ``zsp_jax.model`` is ``model_name``; no tensor is read."""
+    meta = read_metadata(path)
+    if meta.get(MODEL_KEY) != model_name:
+        raise ConversionError(f"{path}: {MODEL_KEY} is {meta.get(MODEL_KEY)!r}, expected {model_name!r} "
+                              f"(not a converted zsp_jax {model_name} file)")
+    return config_type.from_json(meta[CONFIG_KEY])
 
 
 def load_weights(path: str | os.PathLike, *, expect: Mapping[str, str] | None = None
@@ -404,3 +508,30 @@ def build_with_weights(ctor: Callable[[], nnx.Module], weights: Mapping[str, Arr
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     model = nnx.merge(graphdef, params, rest)
     return assign_weights(model, weights, source_name=source_name, dtype=dtype)
+
+
+def build_with_random_weights(ctor: Callable[[], nnx.Module], seed: int = 0) -> nnx.Module:
+    """``ctor()`` with random float32 weights drawn by numpy instead of its own initialisers.
+
+    Arrays of 2 or more axes from N(0, 1 / fan_in) (fan_in: the product of all but the last axis), 1-axis
+    ``scale``s from 1 + N(0, 0.1^2), BatchNorm ``var``s from 1 + |N(0, 0.1^2)| (positive), other vectors and
+    scalars from N(0, 0.02^2): finite weights of a sensible
+    scale, for programs whose cost or plumbing, not whose values, matter (random checkpoints, device checks).
+    The models' own initialisers are not used because, run as JAX programs, they cost XLA:CPU about half a
+    minute of compilation for the tiny SAM and CLIP (one program per parameter shape eagerly, one large
+    program jitted); numpy draws them in well under a second.
+    """
+    rng = np.random.default_rng(seed)
+    drawn = {}
+    for key, shape in flat_shapes(nnx.eval_shape(ctor)).items():
+        noise = rng.standard_normal(shape.shape, dtype=np.float32)
+        if len(shape.shape) >= 2:
+            drawn[key] = noise / np.float32(np.sqrt(np.prod(shape.shape[:-1])))
+        elif key.endswith("scale"):
+            drawn[key] = 1 + np.float32(0.1) * noise
+        elif key.endswith("var"):
+            drawn[key] = 1 + np.float32(0.1) * np.abs(noise)
+        else:
+            drawn[key] = np.float32(0.02) * noise
+    return build_with_weights(ctor, drawn, source_name="random weights")
+

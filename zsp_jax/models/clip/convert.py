@@ -31,7 +31,7 @@ import dataclasses
 import json
 import os
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -40,8 +40,9 @@ from flax import nnx
 
 from zsp_jax.models.clip.config import ClipConfig
 from zsp_jax.models.clip.model import ClipModel
-from zsp_jax.utils.weights import (ConversionError, Rule, build_with_weights, conv2d, flat_shapes, linear,
-                                   load_torch_checkpoint, load_weights, save_weights, split, unwrap_state_dict)
+from zsp_jax.utils.weights import (ConversionError, Rule, SafetensorsDict, build_with_weights, conv2d, flat_shapes,
+                                   linear, load_torch_checkpoint, load_weights, read_hf_state_dict, read_stored_config,
+                                   save_weights, split, unwrap_state_dict)
 # the Rule-table conversion, by another name: convert_state_dict is this module's own (CLIP state dicts)
 from zsp_jax.utils.weights import convert_state_dict as convert_by_rules
 
@@ -265,67 +266,6 @@ def act_from_open_clip_name(model_name: str | None) -> str:
 # ----------------------------------------------------------------------------- reading sources
 
 
-class _SafetensorsDict(Mapping):
-    """A lazy ``{key: array}`` view over one or more safetensors files (tensors read on access).
-
-    Tensors are read with numpy; bfloat16 ones (numpy has no such dtype) through torch.
-    """
-
-    def __init__(self, files: list[str]):
-        from safetensors import safe_open
-
-        self._where: dict[str, str] = {}
-        self._handles: dict[tuple[str, str], Any] = {}
-        for f in files:
-            try:
-                h = safe_open(f, framework="np")
-                keys = list(h.keys())
-            except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-                raise ConversionError(f"{f}: not a readable safetensors file (truncated?): {e}") from e
-            self._handles[(f, "np")] = h
-            for k in keys:
-                self._where[k] = f
-
-    def _handle(self, f: str, framework: str) -> Any:
-        if (f, framework) not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[(f, framework)] = safe_open(f, framework=framework)
-        return self._handles[(f, framework)]
-
-    def __getitem__(self, key: str) -> Any:
-        f = self._where[key]
-        try:
-            return self._handle(f, "np").get_tensor(key)
-        except Exception as np_error:  # noqa: BLE001
-            try:
-                return self._handle(f, "pt").get_tensor(key)
-            except Exception:  # noqa: BLE001
-                raise ConversionError(f"{f}: tensor {key} cannot be read (truncated file?): {np_error}") \
-                    from np_error
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-
-def _hf_weight_files(directory: str) -> tuple[list[str], str]:
-    for index, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
-        p = os.path.join(directory, index)
-        if os.path.exists(p):
-            with open(p) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            return [os.path.join(directory, s) for s in shards], kind
-    for name, kind in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin")):
-        p = os.path.join(directory, name)
-        if os.path.exists(p):
-            return [p], kind
-    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin (a transformers CLIPModel "
-                            f"directory holds config.json and one of these)")
-
-
 def read_hf_directory(directory: str | os.PathLike) -> tuple[ClipConfig, Mapping[str, Any]]:
     """(config, state_dict) of a transformers CLIPModel directory; tensors are read lazily."""
     directory = os.fspath(directory)
@@ -342,14 +282,7 @@ def read_hf_directory(directory: str | os.PathLike) -> tuple[ClipConfig, Mapping
         raise ConversionError(f"{cfg_path}: not a CLIP config: {e}") from e
     if getattr(hf_config, "model_type", "clip") != "clip":
         raise ConversionError(f"{cfg_path}: model_type is {hf_config.model_type!r}, expected 'clip'")
-    files, kind = _hf_weight_files(directory)
-    if kind == "safetensors":
-        sd: Mapping[str, Any] = _SafetensorsDict(files)
-    else:
-        sd = {}
-        for f in files:
-            sd.update(unwrap_state_dict(load_torch_checkpoint(f), path=f))
-    return config_from_hf(hf_config), sd
+    return config_from_hf(hf_config), read_hf_state_dict(directory, "CLIPModel")
 
 
 def is_torchscript_archive(path: str) -> bool:
@@ -366,7 +299,7 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        return dict(_SafetensorsDict([path]))
+        return dict(SafetensorsDict([path]))
     if is_torchscript_archive(path):
         import torch
 
@@ -541,10 +474,4 @@ def load_clip(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype:
 
 def read_clip_config(path: str | os.PathLike) -> ClipConfig:
     """The ClipConfig stored in a converted file, without reading the weights."""
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="numpy") as f:
-        meta = dict(f.metadata() or {})
-    if meta.get("zsp_jax.model") != MODEL_NAME:
-        raise ConversionError(f"{path}: not a converted zsp_jax CLIP file")
-    return ClipConfig.from_json(meta["zsp_jax.config"])
+    return read_stored_config(path, MODEL_NAME, ClipConfig)

@@ -49,11 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zsp_jax.models.clip.convert import _hf_weight_files, _SafetensorsDict
 from zsp_jax.models.dinov2.config import VARIANTS, Dinov2Config, swiglu_hidden_dim
 from zsp_jax.models.dinov2.model import Dinov2
-from zsp_jax.utils.weights import (ConversionError, Rule, build_with_weights, conv2d, flat_shapes, identity, linear,
-                                   load_torch_checkpoint, load_weights, save_weights, split, unwrap_state_dict)
+from zsp_jax.utils.weights import (ConversionError, Rule, SafetensorsDict, build_with_weights, conv2d, flat_shapes,
+                                   identity, linear, load_torch_checkpoint, load_weights, read_hf_state_dict,
+                                   read_stored_config, save_weights, split, unwrap_state_dict)
 # the Rule-table conversion, by another name: convert_state_dict is this module's own (DINOv2 state dicts)
 from zsp_jax.utils.weights import convert_state_dict as convert_by_rules
 
@@ -375,18 +375,7 @@ def _read_hf_directory(directory: str) -> tuple[Mapping[str, Any], int | None]:
     if hf_config.get("model_type") not in HF_MODEL_TYPES:
         raise ConversionError(f"{cfg_path}: model_type is {hf_config.get('model_type')!r}, expected one of "
                               f"{HF_MODEL_TYPES}")
-    try:
-        files, kind = _hf_weight_files(directory)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin (a transformers "
-                                "Dinov2Model directory holds config.json and one of these)") from None
-    if kind == "safetensors":
-        sd: Mapping[str, Any] = _SafetensorsDict(files)
-    else:
-        sd = {}
-        for f in files:
-            sd.update(unwrap_state_dict(load_torch_checkpoint(f), path=f))
-    return sd, hf_config.get("num_attention_heads")
+    return read_hf_state_dict(directory, "Dinov2Model"), hf_config.get("num_attention_heads")
 
 
 def _numpy_scalar_globals() -> list[Any]:
@@ -429,7 +418,7 @@ def read_checkpoint(source: str | os.PathLike, *, entry: str | None = None
         sd, heads = _read_hf_directory(source)
         return sd, "hf", None, heads
     if source.endswith(".safetensors"):
-        sd = dict(_SafetensorsDict([source]))
+        sd = dict(SafetensorsDict([source]))
         return sd, _detect_layout(sd, source), None, None
     obj = _load_torch(source)
     used = None
@@ -503,17 +492,7 @@ def build_dinov2(config: Dinov2Config, weights: Mapping[str, np.ndarray], *, sou
 
 def read_dinov2_config(path: str | os.PathLike) -> Dinov2Config:
     """The ``Dinov2Config`` stored in a converted file, without reading the weights."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(os.fspath(path), framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise ConversionError(f"{path}: not a readable safetensors file: {e}") from None
-    if meta.get("zsp_jax.model") != MODEL_NAME:
-        raise ConversionError(f"{path}: not a converted zsp_jax DINOv2 file (zsp_jax.model is "
-                              f"{meta.get('zsp_jax.model')!r})")
-    return Dinov2Config.from_json(meta["zsp_jax.config"])
+    return read_stored_config(path, MODEL_NAME, Dinov2Config)
 
 
 def load_dinov2(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,

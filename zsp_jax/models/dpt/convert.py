@@ -40,7 +40,7 @@ from flax import nnx
 from zsp_jax.models.dpt.config import DptConfig, DptHeadConfig
 from zsp_jax.models.dpt.model import DptSegmenter
 from zsp_jax.utils.weights import (ConversionError, Rule, build_with_weights, conv2d, conv_transpose2d,
-                                   convert_state_dict, flat_shapes, load_weights, save_weights)
+                                   convert_state_dict, flat_shapes, load_weights, read_stored_config, save_weights)
 
 MODEL_NAME = "unimatch_v2"
 ENTRIES = ("model_ema", "model")
@@ -253,16 +253,7 @@ def build_segmenter(config: DptConfig, weights: Mapping[str, np.ndarray], *, sou
 
 def read_config(path: str | os.PathLike) -> DptConfig:
     """The ``DptConfig`` stored in a converted file, without reading the weights."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(os.fspath(path), framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise ConversionError(f"{path}: not a readable safetensors file: {e}") from None
-    if meta.get("zsp_jax.model") != MODEL_NAME:
-        raise ConversionError(f"{path}: zsp_jax.model is {meta.get('zsp_jax.model')!r}, expected {MODEL_NAME!r}")
-    return DptConfig.from_json(meta["zsp_jax.config"])
+    return read_stored_config(path, MODEL_NAME, DptConfig)
 
 
 def load_model(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = jnp.float32,

@@ -243,14 +243,19 @@ def metadata(config: SamConfig, source: str) -> dict[str, str]:
             "zsp_jax.source": os.path.basename(source)}
 
 
+def read_checkpoint(src: str | os.PathLike, *, variant: str | None = None,
+                    allow_custom: bool = False) -> tuple[dict[str, np.ndarray], SamConfig]:
+    """(converted weights, config) of a ``sam_vit_*.pth`` file (``convert_sam_state_dict`` of its state_dict)."""
+    src = os.fspath(src)
+    sd = unwrap_state_dict(load_torch_checkpoint(src), path=src)
+    return convert_sam_state_dict(sd, variant=variant, allow_custom=allow_custom, source_name=src)
+
+
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, variant: str | None = None,
                        allow_custom: bool = False) -> SamConfig:
     """``sam_vit_*.pth`` -> ``dst`` (.safetensors with the config in its metadata). Returns the config."""
-    src = os.fspath(src)
-    obj = load_torch_checkpoint(src)
-    sd = unwrap_state_dict(obj, path=src)
-    weights, config = convert_sam_state_dict(sd, variant=variant, allow_custom=allow_custom, source_name=src)
-    save_weights(dst, weights, metadata(config, src))
+    weights, config = read_checkpoint(src, variant=variant, allow_custom=allow_custom)
+    save_weights(dst, weights, metadata(config, os.fspath(src)))
     return config
 
 
