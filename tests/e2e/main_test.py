@@ -4,13 +4,13 @@ random checkpoints in the PyTorch formats, and the input checks."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+
+from tests.fixtures.kill import kill_after_checkpoint
 
 from .conftest import ROOT, run_main as _main
 
@@ -63,18 +63,10 @@ def test_sigkill_mid_training_then_rerun_ends_with_the_smoke_runs_state(smoke):
     args = [sys.executable, "-m", "zsp_jax.main", "--config.stages=train", f"--config.workdir={killed}"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     p = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    # Kill once a checkpoint past step 4 is complete (Orbax renames a finished one to its step number).
-    while time.time() < deadline and p.poll() is None:
-        if ckpts.is_dir() and any(d.isdigit() and int(d) >= 4 for d in os.listdir(ckpts)):
-            break
-        time.sleep(0.02)
-    assert p.poll() is None, "the run finished before it could be killed"
-    p.send_signal(signal.SIGKILL)
-    p.communicate()
-    assert p.returncode == -signal.SIGKILL and not (killed / "train_summary.json").exists()
+    steps_at_kill = kill_after_checkpoint(p, ckpts, step=4)
+    assert not (killed / "train_summary.json").exists()
     total = json.loads((cwd / "runs" / "smoke" / "train_summary.json").read_text())["steps"]
-    assert 4 <= max(int(d) for d in os.listdir(ckpts) if d.isdigit()) < total
+    assert 4 <= max(steps_at_kill) < total
     r = _main(cwd, "--config.stages=train", f"--config.workdir={killed}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resuming at step" in r.stdout + r.stderr

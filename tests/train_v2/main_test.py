@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
+from tests.fixtures.kill import kill_after_checkpoint
 from zsp_jax.train import checkpointing
 
 from .conftest import REPO, subprocess_env
@@ -88,17 +87,9 @@ def test_sigkill_mid_training_then_rerun_ends_with_the_smoke_runs_state(smoke):
             f"--config.workdir={killed}"]
     p = subprocess.Popen(args, cwd=cwd, env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True)
-    deadline = time.time() + 600
-    # Kill once a checkpoint past step 4 is complete (Orbax renames a finished one to its step number).
-    while time.time() < deadline and p.poll() is None:
-        if ckpts.is_dir() and any(d.isdigit() and int(d) >= 4 for d in os.listdir(ckpts)):
-            break
-        time.sleep(0.02)
-    assert p.poll() is None, "the run finished before it could be killed"
-    p.send_signal(signal.SIGKILL)
-    p.communicate()
-    assert p.returncode == -signal.SIGKILL and not (killed / "train_summary.json").exists()
-    assert 4 <= max(int(d) for d in os.listdir(ckpts) if d.isdigit()) < 16
+    steps_at_kill = kill_after_checkpoint(p, ckpts, step=4)
+    assert not (killed / "train_summary.json").exists()
+    assert 4 <= max(steps_at_kill) < 16
     r = subprocess.run(args, cwd=cwd, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resuming at step" in r.stdout + r.stderr
