@@ -33,8 +33,7 @@ def tiny_checkpoints(directory: str, *, seed: int = 0, sam_image_size: int = 256
     os.makedirs(directory, exist_ok=True)
     sam_path = os.path.join(directory, "sam_tiny.safetensors")
     clip_path = os.path.join(directory, "clip_tiny.safetensors")
-    # numpy-drawn weights (build_with_random_weights): the models' own initialisers would compile for half a
-    # minute on a CPU, on every first start of the smoke run.
+    # numpy-drawn weights, not the models' initialisers (why: build_with_random_weights' docstring)
     if not os.path.exists(sam_path):
         sam = weights.build_with_random_weights(lambda: Sam(SamConfig.tiny(image_size=sam_image_size),
                                                             rngs=nnx.Rngs(seed)), seed)
