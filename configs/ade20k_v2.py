@@ -19,34 +19,32 @@ import ml_collections
 from zsp_jax.config_utils import check_choice, parse_arg, section
 from zsp_jax.data.classes import ADE20K_CLASSES
 from zsp_jax.data.config import DATA, DATA_STAGE
-from zsp_jax.label.options import LABEL
+from zsp_jax.label.options import LABEL, PAPER_MODELS
 from zsp_jax.runtime import DISTRIBUTED
 from zsp_jax.workflow import RUN
-from zsp_jax.train.config import CHECKPOINT, EVAL, MODEL, TRAIN
+from zsp_jax.train.config import CHECKPOINT, EVAL, MODEL, TRAIN, V2_OPTIMISER
+from zsp_jax.train.v2_state import PRETRAINED_FILES
 
 SPLITS = ("1_64", "1_32", "1_16", "1_8", "1_4", "1_2")
 MODES = ("zsp", "unimatch_v2", "supervised")
-ENCODERS = ("s", "b", "l", "g")
-DINOV2_FILES = {"s": "dinov2_vits14_pretrain.pth", "b": "dinov2_vitb14_pretrain.pth",
-                "l": "dinov2_vitl14_pretrain.pth", "g": "dinov2_vitg14_pretrain.pth"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Every field's default and meaning is in docs/settings.md; only what V2 on ADE20K and the variant set is here."""
     a = parse_arg(arg, encoder="s", split="1_64", crop=518, mode="zsp")
-    check_choice("encoder", a.encoder, ENCODERS)
+    check_choice("encoder", a.encoder, tuple(PRETRAINED_FILES))
     check_choice("split", a.split, SPLITS)
     check_choice("mode", a.mode, MODES)
     c = section(RUN, workdir=f"runs/ade20k_v2_{a.split}_{a.encoder}_{a.crop}_{a.mode}")
     c.data = section(DATA, dataset="ade20k", num_classes=150, root="data/ADEChallengeData2016",
                      splits_dir="data/splits/ade20k", split=a.split)
-    # UniMatch V2's configs/ade20k.yaml: 2 images per GPU x 4 GPUs, crop 518, 60 epochs, AdamW at 5e-6 (head
-    # x40), weight decay 0.01, the encoder locked
-    c.train = section(TRAIN, mode=a.mode, crop_size=a.crop, batch_size=8, loss_groups=4, epochs=60, lr=5e-6,
-                      head_lr_multiplier=40.0, weight_decay=0.01)
+    # UniMatch V2's configs/ade20k.yaml: 2 images per GPU x 4 GPUs, crop 518, 60 epochs, its AdamW, the encoder
+    # locked
+    c.train = section(TRAIN, mode=a.mode, crop_size=a.crop, batch_size=8, loss_groups=4, epochs=60,
+                      **V2_OPTIMISER)
     # SET: DINOv2's pretrained encoder (.pth, converted once into <workdir>/converted); the head starts random
     c.model = section(MODEL, family="unimatch_v2", encoder=a.encoder, lock_backbone=True,
-                      pretrained=f"weights/{DINOV2_FILES[a.encoder]}")
+                      pretrained=f"weights/{PRETRAINED_FILES[a.encoder]}")
     c.eval = section(EVAL)
     c.checkpoint = section(CHECKPOINT)
     # zero-shot pseudo labels (docs/settings.md, label) of ADE20K's 150 classes. The labeller numbers them 1..150
@@ -54,10 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 255, ignored: zsp_jax.data.inputs).
     c.label = section(LABEL, classes=",".join(ADE20K_CLASSES),
                       evaluate=False,            # its comparison with the ground truth assumes the same numbering
-                      sam_checkpoint="weights/sam_vit_h_4b8939.pth",  # SET: SAM ViT-H (.pth, or converted .safetensors)
-                      sam_variant="vit_h",       # the run checks the file holds this ("" accepts any)
-                      clip_checkpoint="weights/ViT-B-16.pt",  # SET: OpenAI CLIP ViT-B/16 (GEM's default model)
-                      clip_variant="vit_b16")    # checked likewise ("" accepts any)
+                      **PAPER_MODELS)            # SET: weights/sam_vit_h_4b8939.pth, weights/ViT-B-16.pt
     c.distributed = section(DISTRIBUTED)         # several processes (jax.distributed): docs/multi_host.md
     c.data_stage = section(DATA_STAGE)
     return c

@@ -15,7 +15,7 @@ import ml_collections
 
 from zsp_jax.config_utils import check_choice, parse_arg, section
 from zsp_jax.data.config import DATA, DATA_STAGE
-from zsp_jax.label.options import LABEL
+from zsp_jax.label.options import LABEL, PAPER_MODELS
 from zsp_jax.runtime import DISTRIBUTED
 from zsp_jax.workflow import RUN
 from zsp_jax.train.config import CHECKPOINT, EVAL, MODEL, TRAIN
@@ -41,10 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint = section(CHECKPOINT)
     # zero-shot pseudo labels (docs/settings.md, label)
     c.label = section(LABEL, classes="coco",    # 80 COCO classes in UniMatch's order
-                      sam_checkpoint="weights/sam_vit_h_4b8939.pth",  # SET: SAM ViT-H (.pth, or converted .safetensors)
-                      sam_variant="vit_h",       # the run checks the file holds this ("" accepts any)
-                      clip_checkpoint="weights/ViT-B-16.pt",  # SET: OpenAI CLIP ViT-B/16 (GEM's default model)
-                      clip_variant="vit_b16")    # checked likewise ("" accepts any)
+                      **PAPER_MODELS)            # SET: weights/sam_vit_h_4b8939.pth, weights/ViT-B-16.pt
     c.distributed = section(DISTRIBUTED)         # several processes (jax.distributed): docs/multi_host.md
     c.data_stage = section(DATA_STAGE)
     return c

@@ -18,42 +18,37 @@ import ml_collections
 
 from zsp_jax.config_utils import check_choice, parse_arg, section
 from zsp_jax.data.config import DATA, DATA_STAGE
-from zsp_jax.label.options import LABEL
+from zsp_jax.label.options import LABEL, PAPER_MODELS
 from zsp_jax.runtime import DISTRIBUTED
 from zsp_jax.workflow import RUN
-from zsp_jax.train.config import CHECKPOINT, EVAL, MODEL, TRAIN
+from zsp_jax.train.config import CHECKPOINT, EVAL, MODEL, TRAIN, V2_OPTIMISER
+from zsp_jax.train.v2_state import PRETRAINED_FILES
 
 SPLITS = ("92", "183", "366", "732", "1464", "1_16", "1_8", "1_4", "1_2")
 MODES = ("zsp", "unimatch_v2", "supervised")
-ENCODERS = ("s", "b", "l", "g")
-# DINOv2's released encoders, as UniMatch V2 loads them (pretrained/dinov2_<size>.pth are these files renamed)
-DINOV2_FILES = {"s": "dinov2_vits14_pretrain.pth", "b": "dinov2_vitb14_pretrain.pth",
-                "l": "dinov2_vitl14_pretrain.pth", "g": "dinov2_vitg14_pretrain.pth"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Every field's default and meaning is in docs/settings.md; only what V2 on VOC and the variant set is here."""
     a = parse_arg(arg, encoder="s", split="1464", crop=518, mode="zsp")
-    check_choice("encoder", a.encoder, ENCODERS)
+    check_choice("encoder", a.encoder, tuple(PRETRAINED_FILES))
     check_choice("split", a.split, SPLITS)
     check_choice("mode", a.mode, MODES)
     c = section(RUN, workdir=f"runs/voc_v2_{a.split}_{a.encoder}_{a.crop}_{a.mode}")
     c.data = section(DATA, dataset="voc", num_classes=21, root="data/VOCdevkit/VOC2012", splits_dir="data/splits/voc",
                      split=a.split)
     # UniMatch V2's configs/pascal.yaml: 4 images per GPU x 4 GPUs (each GPU's losses normalised apart), crop
-    # 518, 60 epochs, AdamW at 5e-6 (head x40), weight decay 0.01
-    c.train = section(TRAIN, mode=a.mode, crop_size=a.crop, batch_size=16, loss_groups=4, epochs=60, lr=5e-6,
-                      head_lr_multiplier=40.0, weight_decay=0.01)
+    # 518, 60 epochs, its AdamW
+    c.train = section(TRAIN, mode=a.mode, crop_size=a.crop, batch_size=16, loss_groups=4, epochs=60,
+                      **V2_OPTIMISER)
     # SET: DINOv2's pretrained encoder (.pth, converted once into <workdir>/converted); the head starts random
-    c.model = section(MODEL, family="unimatch_v2", encoder=a.encoder, pretrained=f"weights/{DINOV2_FILES[a.encoder]}")
+    c.model = section(MODEL, family="unimatch_v2", encoder=a.encoder,
+                      pretrained=f"weights/{PRETRAINED_FILES[a.encoder]}")
     c.eval = section(EVAL)
     c.checkpoint = section(CHECKPOINT)
     # zero-shot pseudo labels (docs/settings.md, label)
     c.label = section(LABEL, classes="voc",     # 20 VOC classes (label values as the dataset's)
-                      sam_checkpoint="weights/sam_vit_h_4b8939.pth",  # SET: SAM ViT-H (.pth, or converted .safetensors)
-                      sam_variant="vit_h",       # the run checks the file holds this ("" accepts any)
-                      clip_checkpoint="weights/ViT-B-16.pt",  # SET: OpenAI CLIP ViT-B/16 (GEM's default model)
-                      clip_variant="vit_b16")    # checked likewise ("" accepts any)
+                      **PAPER_MODELS)            # SET: weights/sam_vit_h_4b8939.pth, weights/ViT-B-16.pt
     c.distributed = section(DISTRIBUTED)         # several processes (jax.distributed): docs/multi_host.md
     c.data_stage = section(DATA_STAGE)
     return c

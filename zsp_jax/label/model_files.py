@@ -16,11 +16,10 @@ convert it.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from zsp_jax.utils import io
+from zsp_jax.utils.converted_files import convert_once, converted_path
 from zsp_jax.utils.weights import read_metadata
 
 SAM_HELP = ("download a segment-anything checkpoint, e.g. https://dl.fbaipublicfiles.com/segment_anything/"
@@ -36,24 +35,6 @@ CLIP_HELP = ("download a CLIP ViT checkpoint, e.g. OpenAI's ViT-B-16.pt (https:/
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message says what to do."""
-
-
-def _stamp(path: str) -> dict[str, Any]:
-    st = os.stat(path)
-    return {"source": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _converted_path(source: str, cache_dir: str) -> str:
-    base = os.path.basename(os.path.normpath(source))
-    return os.path.join(cache_dir, os.path.splitext(base)[0] + ".safetensors")
-
-
-def _up_to_date(converted: str, source: str) -> bool:
-    stamp = converted + ".source.json"
-    if not (os.path.exists(converted) and os.path.exists(stamp)):
-        return False
-    with open(stamp, encoding="utf-8") as f:
-        return json.load(f) == _stamp(source)
 
 
 def _check_exists(path: str, what: str, help_text: str) -> str:
@@ -85,21 +66,16 @@ def sam_safetensors(path: str, cache_dir: str, *, allow_custom: bool = False, lo
     path = _check_exists(path, "SAM", SAM_HELP)
     if path.endswith(".safetensors"):
         return path
-    out = _converted_path(path, cache_dir)
-    if not _up_to_date(out, path):
-        log(f"converting the SAM checkpoint {path} to {out} (once; reused while the file is unchanged) ...")
 
-        def run() -> None:
-            from zsp_jax.models.sam.convert import convert_checkpoint
+    def convert(out: str) -> None:
+        from zsp_jax.models.sam.convert import convert_checkpoint
 
-            convert_checkpoint(path, out, allow_custom=allow_custom)
+        convert_checkpoint(path, out, allow_custom=allow_custom)
 
-        try:
-            _convert("SAM", SAM_HELP, run)
-        except ConversionError as e:
-            raise CheckpointError(f"{path} is not a usable segment-anything checkpoint: {e}; {SAM_HELP}") from None
-        io.write_json_atomic(out + ".source.json", _stamp(path))
-    return out
+    try:
+        return _convert("SAM", SAM_HELP, lambda: convert_once(path, converted_path(path, cache_dir), convert, log=log))
+    except ConversionError as e:
+        raise CheckpointError(f"{path} is not a usable segment-anything checkpoint: {e}; {SAM_HELP}") from None
 
 
 def load_sam_checkpoint(path: str, cache_dir: str, *, dtype: Any, allow_custom: bool = False,
@@ -123,21 +99,16 @@ def clip_safetensors(path: str, cache_dir: str, *, model_name: str = "", log: An
     path = _check_exists(path, "CLIP", CLIP_HELP)
     if path.endswith(".safetensors"):
         return path
-    out = _converted_path(path, cache_dir)
-    if not _up_to_date(out, path):
-        log(f"converting the CLIP checkpoint {path} to {out} (once; reused while the file is unchanged) ...")
 
-        def run() -> None:
-            from zsp_jax.models.clip import convert as clip_convert
+    def convert(out: str) -> None:
+        from zsp_jax.models.clip import convert as clip_convert
 
-            clip_convert.save_clip(out, clip_convert.convert_checkpoint(path, model_name=model_name or None))
+        clip_convert.save_clip(out, clip_convert.convert_checkpoint(path, model_name=model_name or None))
 
-        try:
-            _convert("CLIP", CLIP_HELP, run)
-        except (ConversionError, FileNotFoundError) as e:
-            raise CheckpointError(f"{path} is not a usable CLIP checkpoint: {e}; {CLIP_HELP}") from None
-        io.write_json_atomic(out + ".source.json", _stamp(path))
-    return out
+    try:
+        return _convert("CLIP", CLIP_HELP, lambda: convert_once(path, converted_path(path, cache_dir), convert, log=log))
+    except (ConversionError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path} is not a usable CLIP checkpoint: {e}; {CLIP_HELP}") from None
 
 
 def load_clip_checkpoint(path: str, cache_dir: str, *, model_name: str = "", dtype: Any,

@@ -62,6 +62,12 @@ AMG = (
     Setting("max_masks", 256, "segments kept per image (a warning in the manifest when more survive)"),
 )
 
+# The paper's labeller models (SAM ViT-H, OpenAI CLIP ViT-B/16: GEM's default model), as every dataset config sets
+# them: the files are the user's to place (README, "Run on PASCAL VOC or COCO"); the variants are checked before a
+# run starts, so a file of another size is refused at once ("" would accept any).
+PAPER_MODELS = {"sam_checkpoint": "weights/sam_vit_h_4b8939.pth", "sam_variant": "vit_h",
+                "clip_checkpoint": "weights/ViT-B-16.pt", "clip_variant": "vit_b16"}
+
 LABEL = (
     # what to label and where the results go
     Setting("images_dir", "", "a folder of images to label (recursive); \"\" = the config's data split"),

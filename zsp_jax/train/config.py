@@ -25,6 +25,9 @@ MODES = {"deeplab": step.MODES, "unimatch_v2": v2_step.MODES}
 ENHANCED = {"deeplab": step.ENHANCED, "unimatch_v2": v2_step.ENHANCED}
 ENCODERS = state.ENCODERS
 EVAL_WEIGHTS = ("ema", "student")
+# UniMatch V2's optimiser in each of its configs (pascal / coco / ade20k.yaml), which configs/*_v2.py set:
+# AdamW at 5e-6, the head at 40x that, weight decay 0.01
+V2_OPTIMISER = {"lr": 5e-6, "head_lr_multiplier": 40.0, "weight_decay": 0.01}
 
 TRAIN = (
     Setting("mode", "zsp", "zsp (the paper) | unimatch (UniMatch V1) | supervised (the labelled images only); "

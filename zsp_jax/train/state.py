@@ -12,7 +12,7 @@ function each that dispatches on the family; the mesh and shardings are shared.
 * ``build_model``: DeepLabV3+ for ``config.model`` (``backbone`` r50 / r101 / xception65 /
   tiny_resnet / tiny_xception), random or with an ImageNet backbone from ``model.pretrained``
   (a ``.safetensors`` from ``tools/convert_backbone.py``, or a ``.pth`` converted on first use
-  and cached in ``<workdir>/converted/``).
+  and cached in ``<workdir>/converted/``, converted again when the source changes).
 * ``make_optimizer``: UniMatch's SGD as optax: weight decay added to the gradient before the
   momentum (``torch.optim.SGD(weight_decay=...)``), momentum 0.9 without dampening, the poly
   schedule per iteration, and the head (ASPP, decoder, classifier) at ``head_lr_multiplier``
@@ -41,6 +41,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from zsp_jax.models.deeplab import DeepLabConfig, DeepLabV3Plus, param_group_labels
 from zsp_jax.models.deeplab import convert as deeplab_convert
 from zsp_jax.models.deeplab.layers import ChannelDropout
+from zsp_jax.train.schedule import poly_schedule
+from zsp_jax.utils.converted_files import convert_once, converted_path
+from zsp_jax.utils.weights import build_initialised, initialisation_key
 
 log = logging.getLogger(__name__)
 
@@ -118,24 +121,11 @@ def strip_rng_streams(model: DeepLabV3Plus) -> DeepLabV3Plus:
     return model
 
 
-def _init_key(seed: int) -> jax.Array:
-    # XLA:CPU compiles the threefry generator slowly (one program per parameter shape): "rbg"
-    # keys make the jitted initialisation a few seconds; any generator gives a valid random init.
-    return jax.random.key(seed, impl="rbg")
-
-
 def random_model(dl_config: DeepLabConfig, seed: int, *, dtype: Any = None) -> DeepLabV3Plus:
     """DeepLabV3+ with UniMatch's random initialisation (kaiming fan-out backbone, PyTorch-default head),
     built in one jitted call, without an RNG stream."""
-    key = _init_key(seed)
-
-    def ctor(k: jax.Array) -> DeepLabV3Plus:
-        return DeepLabV3Plus(dl_config, dtype=dtype, rngs=nnx.Rngs(params=k, dropout=k))
-
-    abstract = nnx.eval_shape(lambda: ctor(key))
-    graphdef, _ = nnx.split(abstract)
-    state = jax.jit(lambda k: nnx.state(ctor(k)))(key)
-    return strip_rng_streams(nnx.merge(graphdef, state))
+    return strip_rng_streams(build_initialised(
+        lambda key: DeepLabV3Plus(dl_config, dtype=dtype, rngs=nnx.Rngs(params=key, dropout=key)), seed))
 
 
 def pretrained_safetensors(path: str, workdir: str, model_cfg: Any) -> str:
@@ -153,12 +143,11 @@ def pretrained_safetensors(path: str, workdir: str, model_cfg: Any) -> str:
                                 f".safetensors from tools/convert_backbone.py, or UniMatch's/torchvision's .pth)")
     if path.endswith(".safetensors"):
         return path
-    out = os.path.join(workdir, "converted", os.path.splitext(os.path.basename(path))[0] + ".safetensors")
-    if not os.path.isfile(out):
-        log.info("converting %s to %s (once)", path, out)
-        weights, config, info = deeplab_convert.convert_file(path, dl_config)
-        deeplab_convert.save_converted(out, weights, config, info)
-    return out
+
+    def convert(out: str) -> None:
+        deeplab_convert.save_converted(out, *deeplab_convert.convert_file(path, dl_config))
+
+    return convert_once(path, converted_path(path, os.path.join(workdir, "converted")), convert, log=log.info)
 
 
 def build_model(config: ml_collections.ConfigDict, *, workdir: str | None = None) -> tuple[nnx.Module, str]:
@@ -167,7 +156,7 @@ def build_model(config: ml_collections.ConfigDict, *, workdir: str | None = None
     if family(config) == "unimatch_v2":
         from zsp_jax.train import v2_state
 
-        return v2_state.build_model_v2(config, workdir=workdir)
+        return v2_state.build_model_v2(config, workdir=workdir, dtype=compute_dtype(config))
     dl_config = model_config(config)
     dtype = compute_dtype(config)
     pretrained = config.model.get("pretrained", "")
@@ -175,8 +164,8 @@ def build_model(config: ml_collections.ConfigDict, *, workdir: str | None = None
         return random_model(dl_config, config.seed, dtype=dtype), f"{dl_config.variant}, random initialisation"
     path = pretrained_safetensors(pretrained, workdir or os.path.expanduser(config.workdir), dl_config)
     model, report = deeplab_convert.load_model(path, config=dl_config, dtype=dtype,
-                                               rngs=nnx.Rngs(params=_init_key(config.seed),
-                                                             dropout=_init_key(config.seed)))
+                                               rngs=nnx.Rngs(params=initialisation_key(config.seed),
+                                                             dropout=initialisation_key(config.seed)))
     return strip_rng_streams(model), f"{dl_config.variant} from {path}: {report.summary()}"
 
 
@@ -191,22 +180,6 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
 
 
 # ------------------------------------------------------------------------------------- optimiser
-
-
-def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9) -> optax.Schedule:
-    """UniMatch's per-iteration poly learning rate as a function of the optimiser step count k.
-
-    The reference sets ``lr = base (1 - i / total) ** 0.9`` *after* step i, for the next step,
-    so steps 0 and 1 both run at ``base`` and step k >= 1 at ``base (1 - (k - 1) / total) ** power``.
-    """
-    total = float(max(total_steps, 1))
-
-    def schedule(count: jax.Array) -> jax.Array:
-        # Weakly typed arithmetic: the rate is float64 under jax_enable_x64 (fp64 parity), else float32.
-        done = jnp.maximum(jnp.asarray(count) - 1, 0)
-        return base_lr * jnp.maximum(1.0 - done / total, 0.0) ** power
-
-    return schedule
 
 
 def torch_sgd(schedule: optax.Schedule, momentum: float, weight_decay: float) -> optax.GradientTransformation:

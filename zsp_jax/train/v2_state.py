@@ -15,7 +15,7 @@
     whole encoder (V2 leaves frozen parameters out of the optimiser). ``optax.adamw`` alone
     would decay them;
   - the poly rate as V2 sets it, *after* each step for the next one: steps 0 and 1 at ``lr``,
-    step k >= 1 at ``lr (1 - (k - 1) / total) ** 0.9`` (``state.poly_schedule``, shared with V1).
+    step k >= 1 at ``lr (1 - (k - 1) / total) ** 0.9`` (``schedule.poly_schedule``, shared with V1).
 * ``ema_update``: V2's teacher after step k (0-based): ``ema <- r ema + (1 - r) params`` with
   ``r = min(1 - 1 / (k + 1), 0.996)``, over every parameter (frozen ones too, as V2). So the EMA
   equals the student after step 0 and is the running mean of the students until step 249; a fixed
@@ -46,12 +46,17 @@ import optax
 from flax import nnx
 
 from zsp_jax.models.dpt import DptConfig, DptSegmenter, param_group_labels
-from zsp_jax.train.state import _init_key, compute_dtype, poly_schedule
+from zsp_jax.train.schedule import poly_schedule
+from zsp_jax.utils.converted_files import convert_once, converted_path
+from zsp_jax.utils.weights import build_initialised
 
 log = logging.getLogger(__name__)
 
 EMA_CAP = 0.996  # unimatch_v2.py: ema_ratio = min(1 - 1 / (iters + 1), 0.996)
 ENCODER_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}  # model.encoder -> V2's size names
+# DINOv2's released encoders per model.encoder (UniMatch V2's pretrained/dinov2_<size>.pth are these files renamed)
+PRETRAINED_FILES = {"s": "dinov2_vits14_pretrain.pth", "b": "dinov2_vitb14_pretrain.pth",
+                    "l": "dinov2_vitl14_pretrain.pth", "g": "dinov2_vitg14_pretrain.pth"}
 PRETRAINED_HELP = ("DINOv2 weights: the official dinov2_vits14_pretrain.pth / _vitb14_ / _vitl14_ / _vitg14_ (from "
                    "github.com/facebookresearch/dinov2, what UniMatch V2's README links as pretrained/), a transformers "
                    "Dinov2Model directory, or a .safetensors from tools/convert_dinov2.py; set --config.model.pretrained "
@@ -222,20 +227,7 @@ def model_config_v2(config: ml_collections.ConfigDict) -> DptConfig:
 def random_model_v2(dpt_config: DptConfig, seed: int, *, dtype: Any = None) -> DptSegmenter:
     """The segmenter with random weights, built in one jitted call (no RNG stream is kept: V2's only
     randomness, complementary dropout, comes from the step's ``rng``)."""
-    key = _init_key(seed)
-
-    def ctor(k: jax.Array) -> DptSegmenter:
-        return DptSegmenter(dpt_config, dtype=dtype, rngs=nnx.Rngs(params=k))
-
-    abstract = nnx.eval_shape(lambda: ctor(key))
-    graphdef, _ = nnx.split(abstract)
-    state = jax.jit(lambda k: nnx.state(ctor(k)))(key)
-    return nnx.merge(graphdef, state)
-
-
-def _converted_name(path: str) -> str:
-    base = os.path.basename(os.path.normpath(path))
-    return (base if os.path.isdir(path) else os.path.splitext(base)[0]) + ".safetensors"
+    return build_initialised(lambda key: DptSegmenter(dpt_config, dtype=dtype, rngs=nnx.Rngs(params=key)), seed)
 
 
 def pretrained_safetensors_v2(path: str, workdir: str, dpt_config: DptConfig) -> str:
@@ -250,30 +242,32 @@ def pretrained_safetensors_v2(path: str, workdir: str, dpt_config: DptConfig) ->
         raise FileNotFoundError(f"config field model.pretrained={path!r}: no such file or directory; {PRETRAINED_HELP}")
     if path.endswith(".safetensors") and os.path.isfile(path):
         return path
-    out = os.path.join(workdir, "converted", _converted_name(path))
-    if not os.path.isfile(out):
-        log.info("converting %s to %s (once)", path, out)
+
+    def convert(out: str) -> None:
         try:
             converted = dinov2_convert.convert_checkpoint(path, variant=dpt_config.encoder)
         except ConversionError as e:
             raise ValueError(f"config field model.pretrained={path!r} does not fit model.encoder "
                              f"({dpt_config.encoder.name}): {e}") from None
         dinov2_convert.save_dinov2(out, converted)
-    return out
+
+    return convert_once(path, converted_path(path, os.path.join(workdir, "converted")), convert, log=log.info)
 
 
-def build_model_v2(config: ml_collections.ConfigDict, *, workdir: str | None = None) -> tuple[DptSegmenter, str]:
+def build_model_v2(config: ml_collections.ConfigDict, *, workdir: str | None = None, dtype: Any = None
+                   ) -> tuple[DptSegmenter, str]:
     """The V2 segmenter to train: (model, one line saying where its weights come from).
 
     Random, or the encoder from ``model.pretrained`` (converted once) with a random head. The file's encoder
-    must be ``model.encoder``'s (a mismatch names both).
+    must be ``model.encoder``'s (a mismatch names both). ``dtype``: the compute dtype (``state.compute_dtype``;
+    None: float32).
     """
     from zsp_jax.models.dinov2 import convert as dinov2_convert
     from zsp_jax.models.dinov2.config import Dinov2Config
     from zsp_jax.utils.weights import assign_weights, flat_weights, load_weights
 
     dpt_config = model_config_v2(config)
-    model = random_model_v2(dpt_config, config.seed, dtype=compute_dtype(config))
+    model = random_model_v2(dpt_config, config.seed, dtype=dtype)
     name = f"UniMatch V2 DPT on DINOv2 {dpt_config.encoder.name}" + (", encoder locked" if dpt_config.lock_backbone
                                                                      else "")
     pretrained = config.model.get("pretrained", "")

@@ -510,6 +510,25 @@ def build_with_weights(ctor: Callable[[], nnx.Module], weights: Mapping[str, Arr
     return assign_weights(model, weights, source_name=source_name, dtype=dtype)
 
 
+def initialisation_key(seed: int) -> jax.Array:
+    """The key a model's own initialisers draw from. XLA:CPU compiles the threefry generator slowly (one
+    program per parameter shape); an "rbg" key makes a jitted initialisation a few seconds, and any generator
+    gives a valid random initialisation."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def build_initialised(ctor: Callable[[jax.Array], nnx.Module], seed: int) -> nnx.Module:
+    """``ctor(key)`` with its own initialisers, run as one jitted program (not one per parameter shape).
+
+    Args:
+      ctor: builds the model from an initialisation key (its ``nnx.Rngs`` streams drawn from it).
+      seed: the key's seed (``initialisation_key``).
+    """
+    key = initialisation_key(seed)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: ctor(key)))
+    return nnx.merge(graphdef, jax.jit(lambda k: nnx.state(ctor(k)))(key))
+
+
 def build_with_random_weights(ctor: Callable[[], nnx.Module], seed: int = 0) -> nnx.Module:
     """``ctor()`` with random float32 weights drawn by numpy instead of its own initialisers.
 
