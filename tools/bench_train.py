@@ -23,12 +23,17 @@ parameter), on the same randomised DINOv2 + DPT weights (per ``--encoders``: s =
 ViT-B/14; the reference's encoder is transformers' ``Dinov2Model`` with DINOv2's positional
 resampling, ``zsp_jax.references.dinov2``), batch, CutMix boxes and complementary-dropout mask.
 Defaults are V2's PASCAL setting per GPU: crop 518, 4 labelled + 4 unlabelled images, 21 classes.
+With ``--phases``, per encoder: the encoder (``get_intermediate_layers`` at V2's indices) and the DPT head (with
+the final upsampling) timed apart on the student's largest forward, the 2 x batch strong views, each forward
+alone and forward + backward (a fixed random cotangent; gradients of the parameters, and for the head of its
+input features too), ours (one jitted program each) against the reference's modules.
 
   python tools/bench_train.py                           # unimatch and zsp, R101, 321, 2+2
   python tools/bench_train.py --backbone resnet50 --size 161 --modes unimatch
   python tools/bench_train.py --dtype bfloat16          # ours in bf16 compute, fp32 master weights
   python tools/bench_train.py --family v2               # unimatch_v2 and zsp, DINOv2-S and -B, 518, 4+4
   python tools/bench_train.py --family v2 --size 126 --batch 2 --encoders s   # a CPU-sized run
+  python tools/bench_train.py --family v2 --size 154 --encoders s --modes unimatch_v2 --phases
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--phases", action="store_true",
-                   help="deeplab: also time the forward apart from backward + optimiser (ours: one more program)")
+                   help="deeplab: also time the forward apart from backward + optimiser (ours: one more program); "
+                        "v2: also time the encoder and the DPT head apart, forward and forward + backward")
     bench.add_precision_flag(p)
     args = p.parse_args()
     v2 = args.family == "v2"
@@ -68,8 +74,6 @@ def parse_args() -> argparse.Namespace:
     args.modes = args.modes or ("unimatch_v2,zsp" if v2 else "unimatch,zsp")
     if v2 and args.size % 14:
         p.error(f"--size={args.size}: DINOv2 needs a multiple of 14")
-    if v2 and args.phases:
-        p.error("--phases: times V1's step only; leave it out with --family v2")
     if v2 and args.backbone != "resnet101":
         p.error(f"--backbone={args.backbone}: a V1 option; --family v2 takes --encoders")
     return args
@@ -276,6 +280,9 @@ def main_v2(args: argparse.Namespace, added: str) -> None:
             # would not fit a 24 GiB machine with DINOv2-B)
             holder[0] = compiled = update = ref = ref_ema = opt = None
             gc.collect()
+        if args.phases:
+            for line in phases_v2(config, ref0, graphdef, params, raw, args.repeats, args.skip_torch):
+                print(f"   DINOv2-{encoder.upper()} {line}")
         ref0 = params = None
         gc.collect()
     print("== summary")
@@ -339,6 +346,102 @@ def phases(graphdef, tx, options, holder, batch, key, ours_step, repeats, torch_
                 f"backward + optimizer ours {step_s - fwd_s:.2f} s, reference {rest:.2f} s "
                 f"(x{rest / (step_s - fwd_s):.2f}; its optimizer.step() alone {ref['optimizer'] * 1e3:.0f} ms)")
     return line + f"; our optimiser update alone {opt_s * 1e3:.0f} ms"
+
+
+def phases_v2(config, ref, graphdef, params, raw, repeats, skip_torch) -> list[str]:
+    """Where V2's time goes: the encoder and the DPT head apart, forward alone and forward + backward, ours against
+    the reference's modules, on the strong views ``[s1; s2]`` of ``raw`` (the student's largest forward).
+
+    Each part is one jitted program of ours (the backward: ``jax.grad`` of the outputs' dot product with a fixed
+    random cotangent, so no gradient is trivially zero) and the same computation in PyTorch eager
+    (``backward()`` of the same product). All take turns in each of ``repeats`` rounds; each is its fastest.
+    Returns one line per part.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from flax import nnx
+
+    from zsp_jax.utils import bench
+    from zsp_jax.utils.resize import resize_bilinear_align_corners
+
+    images = np.concatenate([raw["img_u_s1"], raw["img_u_s2"]]).astype(np.float32)  # (2B, S, S, 3)
+    size, patch = images.shape[1], config.encoder.patch_size
+    grid = (size // patch, size // patch)
+    indices = tuple(config.intermediate_indices)
+    model = nnx.merge(graphdef, params)
+    encoder_def, encoder_params = nnx.split(model.backbone, nnx.Param)
+    head_def, head_params = nnx.split(model.head, nnx.Param)
+    x = jnp.asarray(images)
+
+    def encoder(p, x):
+        return list(nnx.merge(encoder_def, p).intermediate_layers(x, indices))
+
+    def head(p, features):
+        return resize_bilinear_align_corners(nnx.merge(head_def, p)(features, grid), (size, size))
+
+    features = jax.jit(encoder)(encoder_params, x)
+    rng = np.random.default_rng(0)
+    feature_cots = [rng.standard_normal(f.shape, dtype=np.float32) for f in features]
+    logits_cot = rng.standard_normal((*images.shape[:3], config.head.num_classes), dtype=np.float32)
+
+    def encoder_loss(p, x):
+        return sum(jnp.sum(f * c) for f, c in zip(encoder(p, x), feature_cots, strict=True))
+
+    def head_loss(p, features):
+        return jnp.sum(head(p, features) * logits_cot)
+
+    parts = {"encoder forward": (encoder, (encoder_params, x)),
+             "encoder forward + backward": (jax.grad(encoder_loss), (encoder_params, x)),
+             "head forward": (head, (head_params, features)),
+             "head forward + backward": (jax.grad(head_loss, argnums=(0, 1)), (head_params, features))}
+    compiled = {name: jax.jit(fn).lower(*a).compile() for name, (fn, a) in parts.items()}
+    ours = {name: (lambda name=name: compiled[name](*parts[name][1])) for name in parts}
+
+    xt = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    features_t = [torch.from_numpy(np.array(f)) for f in features]  # a writable copy
+    feature_cots_t = [torch.from_numpy(c) for c in feature_cots]
+    logits_cot_t = torch.from_numpy(logits_cot.transpose(0, 3, 1, 2).copy())
+    ref_indices = ref.intermediate_layer_idx[ref.encoder_size]
+
+    def ref_head(fs):
+        return F.interpolate(ref.head(fs, *grid), (size, size), mode="bilinear", align_corners=True)
+
+    def ref_encoder_forward():
+        with torch.no_grad():
+            return ref.backbone.get_intermediate_layers(xt, ref_indices)
+
+    def ref_encoder_backward():
+        ref.zero_grad(set_to_none=True)
+        out = ref.backbone.get_intermediate_layers(xt, ref_indices)
+        sum((o * c).sum() for o, c in zip(out, feature_cots_t, strict=True)).backward()
+
+    def ref_head_forward():
+        with torch.no_grad():
+            return ref_head(features_t)
+
+    def ref_head_backward():
+        ref.zero_grad(set_to_none=True)
+        fs = [f.clone().requires_grad_(True) for f in features_t]
+        (ref_head(fs) * logits_cot_t).sum().backward()
+
+    refs = dict(zip(parts, (ref_encoder_forward, ref_encoder_backward, ref_head_forward, ref_head_backward),
+                    strict=True))
+    fns = list(ours.values()) + ([] if skip_torch else list(refs.values()))
+    for fn in fns:  # warm-up
+        bench.block(fn())
+    times = bench.time_alternating(fns, repeats=repeats)
+    lines = []
+    for i, name in enumerate(parts):
+        flops = bench.program_flops(compiled[name])
+        line = f"{name}: ours {times[i]:.3f} s ({(flops or 0) / times[i] / 1e9:.1f} GFLOP/s)"
+        if not skip_torch:
+            reference_s = times[len(parts) + i]
+            line += f", reference {reference_s:.3f} s, ours / reference speed x{reference_s / times[i]:.2f}"
+        lines.append(line)
+    return lines
 
 
 if __name__ == "__main__":
