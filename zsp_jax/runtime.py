@@ -1,4 +1,5 @@
-"""Process set-up of the main job: several processes (``jax.distributed``) and where logs go.
+"""Process set-up of the main job: several processes (``jax.distributed``), where logs go, the CPU XLA flags
+and the persistent compilation cache (``compile_cache_path``, ``enable_compilation_cache``).
 
 ``init_distributed(config)`` starts ``jax.distributed`` when the job runs as several processes:
 
@@ -46,6 +47,26 @@ def set_cpu_xla_flags() -> str:
         os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
     return " ".join(added)
 
+
+
+def compile_cache_path(configured: str, fallback: str) -> str:
+    """Where the persistent compilation cache lives: ``configured`` (``label.compile_cache_dir``), else JAX's own
+    directory where one is set (``JAX_COMPILATION_CACHE_DIR``: shared with the user's other JAX programs), else
+    ``fallback``."""
+    import jax
+
+    return os.path.expanduser(configured) or jax.config.jax_compilation_cache_dir or fallback
+
+
+def enable_compilation_cache(path: str, *, min_compile_time_secs: float = 0.0) -> None:
+    """JAX's persistent compilation cache in ``path``, for every program that takes at least
+    ``min_compile_time_secs`` to compile."""
+    import jax
+
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_secs)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 DISTRIBUTED = (
     Setting("mode", "auto", "auto: when the fields below or a cluster's environment ask for it | on | off"),

@@ -173,7 +173,7 @@ def run(config: ml_collections.ConfigDict, *, log: Any = print) -> dict[str, Any
     if problems:
         raise preflight.InputProblems(problems)
     if "label" in config and not config.label.compile_cache_dir:
-        from zsp_jax.label.labelling import compile_cache_path
+        from zsp_jax.runtime import compile_cache_path
 
         with config.unlocked():  # one persistent compilation cache for every stage of the run
             config.label.compile_cache_dir = compile_cache_path("", os.path.join(workdir, "jax_cache"))

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.fixtures.kill import kill_after_checkpoint
+from tests.fixtures.kill import final_state, kill_after_checkpoint
 
 from .conftest import ROOT, run_main as _main
 
@@ -42,17 +42,6 @@ def test_smoke_rerun_skips_finished_work(smoke):
     assert after["best_miou"] == before["best_miou"] and after["eval"] == before["eval"]
 
 
-def _final_state(workdir) -> dict:
-    import jax
-
-    from zsp_jax.train.checkpointing import read_state_arrays
-
-    with open(os.path.join(workdir, "train_summary.json")) as f:
-        latest = json.load(f)["latest_checkpoint"]
-    tree = read_state_arrays(latest)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def test_sigkill_mid_training_then_rerun_ends_with_the_smoke_runs_state(smoke):
     """The smoke run's training again in another work directory (its data and pseudo labels, the same 2 devices),
     killed with SIGKILL after a checkpoint past step 4 and rerun: the smoke run's final parameters, BatchNorm
@@ -70,7 +59,7 @@ def test_sigkill_mid_training_then_rerun_ends_with_the_smoke_runs_state(smoke):
     r = _main(cwd, "--config.stages=train", f"--config.workdir={killed}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resuming at step" in r.stdout + r.stderr
-    a, b = _final_state(cwd / "runs" / "smoke"), _final_state(killed)
+    a, b = final_state(cwd / "runs" / "smoke"), final_state(killed)
     assert a.keys() == b.keys() and len(a) > 50 and any("opt_state" in k for k in a)
     for k in a:
         np.testing.assert_array_equal(b[k], a[k], err_msg=k)  # bit-exact on CPU

@@ -10,11 +10,10 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from tests.fixtures.kill import kill_after_checkpoint
+from tests.fixtures.kill import final_state, kill_after_checkpoint
 from zsp_jax.train import checkpointing
 
 from .conftest import REPO, subprocess_env
@@ -70,13 +69,6 @@ def test_v2_smoke_labels_trains_and_evaluates_the_ema_teacher(smoke):
     assert "EMA" in r.stdout and "UniMatch V2's result" in r.stdout and "EMA teacher" in r.stdout
 
 
-def _final_state(workdir) -> dict[str, np.ndarray]:
-    with open(os.path.join(workdir, "train_summary.json")) as f:
-        latest = json.load(f)["latest_checkpoint"]
-    tree = checkpointing.read_state_arrays(latest)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def test_sigkill_mid_training_then_rerun_ends_with_the_smoke_runs_state(smoke):
     """The smoke run's training again in another work directory (its data and pseudo labels), killed after a
     checkpoint past step 4 and rerun: the same final parameters, EMA teacher, AdamW state and step, bit for bit."""
@@ -93,7 +85,7 @@ def test_sigkill_mid_training_then_rerun_ends_with_the_smoke_runs_state(smoke):
     r = subprocess.run(args, cwd=cwd, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resuming at step" in r.stdout + r.stderr
-    a, b = _final_state(cwd / "runs" / "smoke_v2"), _final_state(killed)
+    a, b = final_state(cwd / "runs" / "smoke_v2"), final_state(killed)
     assert a.keys() == b.keys() and any("ema_params" in k for k in a) and any("opt_state" in k for k in a)
     for k in a:
         np.testing.assert_array_equal(b[k], a[k], err_msg=k)  # bit-exact on CPU

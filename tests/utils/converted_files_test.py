@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -28,12 +29,12 @@ def test_reused_while_unchanged_and_converted_again_when_the_source_changes(tmp_
     assert convert_once(str(source), out, convert, log=lines.append) == out
     assert convert_once(str(source), out, convert, log=lines.append) == out
     assert len(calls) == 1 and len(lines) == 1 and str(source) in lines[0]
-    record = json.loads(open(out + RECORD_SUFFIX).read())
+    record = json.loads(pathlib.Path(out + RECORD_SUFFIX).read_text())
     assert record["source"] == str(source) and record["size"] == len("weights v1")
 
     source.write_text("weights v2, another file under the same name")
     convert_once(str(source), out, convert, log=lines.append)
-    assert len(calls) == 2 and open(out).read() == "weights v2, another file under the same name"
+    assert len(calls) == 2 and pathlib.Path(out).read_text() == "weights v2, another file under the same name"
 
     # a converted file whose record is missing (an older run, or a kill between file and record) is complete:
     # reused, so a resume on a machine without torch works; an unreadable record means convert again
@@ -43,7 +44,7 @@ def test_reused_while_unchanged_and_converted_again_when_the_source_changes(tmp_
     with open(out + RECORD_SUFFIX, "w") as f:
         f.write("{not json")
     convert_once(str(source), out, convert, log=lines.append)
-    assert len(calls) == 3 and json.loads(open(out + RECORD_SUFFIX).read())["source"] == str(source)
+    assert len(calls) == 3 and json.loads(pathlib.Path(out + RECORD_SUFFIX).read_text())["source"] == str(source)
 
 
 def test_a_failed_conversion_records_nothing(tmp_path):

@@ -169,8 +169,8 @@ def test_read_stored_config_checks_the_model_and_reads_no_tensor(tmp_path):
     config = DptConfig.tiny(num_classes=3)
     path = tmp_path / "w.safetensors"
     weights.save_weights(path, {"a": np.zeros(2, np.float32)},
-                         {weights.MODEL_KEY: "unimatch_v2", weights.CONFIG_KEY: config.to_json()})
-    assert weights.read_metadata(path)[weights.MODEL_KEY] == "unimatch_v2"
+                         {"zsp_jax.model": "unimatch_v2", "zsp_jax.config": config.to_json()})
+    assert weights.read_metadata(path)["zsp_jax.model"] == "unimatch_v2"
     assert weights.read_stored_config(path, "unimatch_v2", DptConfig) == config
     with pytest.raises(weights.ConversionError, match="zsp_jax.model is 'unimatch_v2', expected 'dinov2'"):
         weights.read_stored_config(path, "dinov2", DptConfig)

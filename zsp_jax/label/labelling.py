@@ -21,6 +21,7 @@ from zsp_jax.label import job, model_files, outputs, quality, report
 from zsp_jax.label.classes import load_classes
 from zsp_jax.label.labeller import Labeller
 from zsp_jax.label.options import LabelOptions
+from zsp_jax.runtime import compile_cache_path, enable_compilation_cache
 from zsp_jax.utils import io
 from zsp_jax.utils.sharding import barrier
 
@@ -68,21 +69,6 @@ def resolve_dtype(name: str) -> Any:
     """``label.dtype`` -> a jnp dtype ("auto" is float32: bfloat16's label agreement is measured by
     ``python -m zsp_jax.parity``, docs/parity.md)."""
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
-
-
-def compile_cache_path(configured: str, fallback: str) -> str:
-    """Where the persistent compilation cache lives: ``configured`` (``label.compile_cache_dir``), else JAX's own
-    directory where one is set (``JAX_COMPILATION_CACHE_DIR``: shared with the user's other JAX programs), else
-    ``fallback``."""
-    return os.path.expanduser(configured) or jax.config.jax_compilation_cache_dir or fallback
-
-
-def enable_compilation_cache(path: str) -> None:
-    """JAX's persistent compilation cache in ``path`` (every program, however quick to compile)."""
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def parse_thresholds(spec: str) -> list[float]:

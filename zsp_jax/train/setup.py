@@ -24,6 +24,7 @@ from flax import nnx
 
 from zsp_jax.data import classes
 from zsp_jax.data import inputs as data_inputs
+from zsp_jax.runtime import enable_compilation_cache
 from zsp_jax.train import evaluation
 from zsp_jax.train import state as state_lib
 
@@ -49,9 +50,8 @@ def configure_jax(config: ml_collections.ConfigDict, workdir: str) -> None:
     t = config.train
     if t.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", t.matmul_precision)
-    if t.compilation_cache and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if t.compilation_cache and not jax.config.jax_compilation_cache_dir:  # else JAX's own, as it is set
+        enable_compilation_cache(os.path.join(workdir, "jax_cache"), min_compile_time_secs=1.0)
 
 
 @dataclasses.dataclass

@@ -44,8 +44,6 @@ Array = np.ndarray
 Transform = Callable[[Array], Array | tuple[Array, ...]]
 
 FORMAT_KEY = "zsp_jax.format"
-MODEL_KEY = "zsp_jax.model"    # which model family a converted file holds ("sam", "clip", "dinov2", ...)
-CONFIG_KEY = "zsp_jax.config"  # its config as JSON
 FORMAT_VERSION = "1"
 _MAX_LISTED = 12
 
@@ -421,10 +419,10 @@ def read_stored_config(path: str | os.PathLike, model_name: str, config_type: An
     """The model config a converted file stores (``config_type.from_json`` of its ``zsp_jax.config``), after
     checking that its ``zsp_jax.model`` is ``model_name``; no tensor is read."""
     meta = read_metadata(path)
-    if meta.get(MODEL_KEY) != model_name:
-        raise ConversionError(f"{path}: {MODEL_KEY} is {meta.get(MODEL_KEY)!r}, expected {model_name!r} "
+    if meta.get("zsp_jax.model") != model_name:
+        raise ConversionError(f"{path}: zsp_jax.model is {meta.get('zsp_jax.model')!r}, expected {model_name!r} "
                               f"(not a converted zsp_jax {model_name} file)")
-    return config_type.from_json(meta[CONFIG_KEY])
+    return config_type.from_json(meta["zsp_jax.config"])
 
 
 def load_weights(path: str | os.PathLike, *, expect: Mapping[str, str] | None = None
@@ -534,8 +532,8 @@ def build_with_random_weights(ctor: Callable[[], nnx.Module], seed: int = 0) -> 
 
     Arrays of 2 or more axes from N(0, 1 / fan_in) (fan_in: the product of all but the last axis), 1-axis
     ``scale``s from 1 + N(0, 0.1^2), BatchNorm ``var``s from 1 + |N(0, 0.1^2)| (positive), other vectors and
-    scalars from N(0, 0.02^2): finite weights of a sensible
-    scale, for programs whose cost or plumbing, not whose values, matter (random checkpoints, device checks).
+    scalars from N(0, 0.02^2): finite weights of a sensible scale, for programs whose cost or plumbing, not
+    whose values, matter (random checkpoints, device checks).
     The models' own initialisers are not used because, run as JAX programs, they cost XLA:CPU about half a
     minute of compilation for the tiny SAM and CLIP (one program per parameter shape eagerly, one large
     program jitted); numpy draws them in well under a second.
@@ -553,4 +551,3 @@ def build_with_random_weights(ctor: Callable[[], nnx.Module], seed: int = 0) -> 
         else:
             drawn[key] = np.float32(0.02) * noise
     return build_with_weights(ctor, drawn, source_name="random weights")
-
